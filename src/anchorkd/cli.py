@@ -1,0 +1,170 @@
+"""``anchorkd`` command line: a thin layer over the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .offline import configure_network
+
+EXIT_BAD_INPUT = 2
+
+
+def _torchrun_relaunch(argv: list[str]) -> int | None:
+    """Under NPROC_PER_NODE (ms-swift's variables), relaunch this command once per rank via torchrun."""
+    import os
+    import subprocess
+
+    if "LOCAL_RANK" in os.environ:
+        return None  # already a torchrun worker
+    from swift.cli.main import get_torchrun_args
+
+    torchrun_args = get_torchrun_args()
+    if torchrun_args is None:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "anchorkd.cli", *argv]
+    print(f"anchorkd: launching {' '.join(command)}", flush=True)
+    return subprocess.call(command)
+
+
+def _cmd_train(ns) -> int:
+    from .trainers.pipeline import run_training
+
+    relaunched = _torchrun_relaunch(ns.argv)
+    if relaunched is not None:
+        return relaunched
+
+    summary = run_training(ns.config, ns.overrides)
+    print(f"\nanchorkd: training finished ({summary['mode']}), outputs in {summary['output_dir']}")
+    print(f"anchorkd: per-step metrics in {summary['logging_jsonl']}")
+    if summary.get("last_checkpoint"):
+        print(f"anchorkd: last checkpoint {summary['last_checkpoint']}")
+    return 0
+
+
+def _cmd_validate(ns) -> int:
+    from .config import ConfigLoader
+
+    loaded = ConfigLoader.load_training_config(ns.config, ns.overrides, create_output_dir=False)
+    config = loaded.config
+    print(f"{ns.config}: OK ({config.mode}, {type(loaded.train_args).__name__})")
+    print(
+        f"  trainer_variant={config.custom.trainer_variant} llm_kd_weight={config.llm_kd_weight} "
+        f"visual_kd={'on' if config.visual_kd_active else 'off'}"
+    )
+    if ns.print:
+        print(config.to_yaml())
+    return 0
+
+
+def _cmd_check(ns) -> int:
+    from .config import ConfigLoader
+    from .trainers.preflight import run_preflight
+
+    config = ConfigLoader.resolve(ns.config, ns.overrides)
+    if config.mode != "gkd":
+        print(f"{ns.config}: no teacher in this run ({config.mode}); nothing to compare")
+        return 0
+    checks = run_preflight(config)
+    print(f"{ns.config}: teacher and student are compatible")
+    for check in checks:
+        print(f"  ok: {check}")
+    return 0
+
+
+def _cmd_make_tiny_model(ns) -> int:
+    from .models.tiny import make_tiny_model
+
+    path = make_tiny_model(ns.out, seed=ns.seed)
+    print(f"tiny Qwen3-VL checkpoint written to {path}")
+    return 0
+
+
+def _cmd_make_synthetic_data(ns) -> int:
+    from .data.synthetic import SyntheticSizes, make_synthetic_data
+
+    sizes = SyntheticSizes.quick() if ns.quick else SyntheticSizes()
+    files = make_synthetic_data(ns.out, seed=ns.seed, sizes=sizes, overwrite=ns.overwrite)
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_prepare_demo(ns) -> int:
+    from .demo_assets import prepare_demo_assets
+
+    for name, path in prepare_demo_assets(ns.root, seed=ns.seed, quick=ns.quick).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anchorkd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_command(name: str, help_text: str, handler, positional: bool = True):
+        cmd = sub.add_parser(name, help=help_text)
+        if positional:
+            cmd.add_argument("config", help="YAML config file")
+        else:
+            cmd.add_argument("--config", required=True, help="YAML config file")
+        cmd.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        cmd.set_defaults(handler=handler)
+        return cmd
+
+    config_command("train", "train from a config (ms-swift, in-process)", _cmd_train, positional=False)
+    validate = config_command("validate", "check a config (and its data) without training", _cmd_validate)
+    validate.add_argument("--print", action="store_true", help="print the resolved config")
+    config_command("check", "teacher/student compatibility preflight", _cmd_check)
+
+    tiny = sub.add_parser("make-tiny-model", help="build the embedded tiny Qwen3-VL checkpoint")
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_cmd_make_tiny_model)
+
+    data = sub.add_parser("make-synthetic-data", help="write the synthetic dense-caption data set")
+    data.add_argument("out")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
+    data.add_argument("--overwrite", action="store_true")
+    data.set_defaults(handler=_cmd_make_synthetic_data)
+
+    demo_assets = sub.add_parser("prepare-demo", help="build (or reuse) the tiny model and synthetic data")
+    demo_assets.add_argument("--root", default="outputs/demo")
+    demo_assets.add_argument("--seed", type=int, default=0)
+    demo_assets.add_argument("--quick", action="store_true", help="tiny data sizes (tests)")
+    demo_assets.set_defaults(handler=_cmd_prepare_demo)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Commands whose modules register themselves (evaluation, demo, reports)."""
+    from . import commands
+
+    for register in commands.REGISTRARS:
+        register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_network()
+    logging.basicConfig(level=logging.INFO, format="[anchorkd] %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser().parse_args(argv)
+    ns.argv = argv
+    from .config.errors import ConfigError, DataError
+
+    try:
+        return ns.handler(ns)
+    except (ConfigError, DataError) as exc:
+        print(f"anchorkd: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FileExistsError as exc:
+        print(f"anchorkd: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

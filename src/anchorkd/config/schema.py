@@ -1,0 +1,134 @@
+"""Pydantic models for anchorkd's own configuration: the ``custom`` section and ``rlhf.llm_kd_weight``.
+
+ms-swift's own keys are checked against ms-swift's dataclasses (see ``swift_keys``); everything anchorkd
+adds is declared here with ``extra="forbid"`` and one validator per rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, ConfigErrors
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _non_negative_finite_number(value, what: str):
+    # bool is an int subclass in Python; "true" as a weight is a typo, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be non-negative, got {value!r}")
+    return float(value)
+
+
+class VisualKDConfig(StrictModel):
+    """Feature-level KD on the vision merger / deepstack mergers (spec 004)."""
+
+    enabled: bool = False
+    weight: float = 0.0
+    targets: list[Literal["merger", "deepstack"]] = Field(default_factory=lambda: ["merger", "deepstack"])
+    distance: Literal["mse", "cosine"] = "mse"
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def weight_is_non_negative_number(cls, value):
+        return _non_negative_finite_number(value, "visual_kd.weight")
+
+    @field_validator("targets")
+    @classmethod
+    def targets_are_unique_and_present(cls, value):
+        if not value:
+            raise ValueError("targets must name at least one of: merger, deepstack")
+        if len(set(value)) != len(value):
+            raise ValueError(f"targets must not repeat a name, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def enabled_needs_positive_weight(self):
+        if self.enabled and self.weight <= 0:
+            raise ValueError("visual_kd.enabled is true but visual_kd.weight is 0: set a weight > 0")
+        return self
+
+    @model_validator(mode="after")
+    def weight_needs_enabled(self):
+        if not self.enabled and self.weight > 0:
+            raise ValueError(
+                f"visual_kd.weight is {self.weight} but visual_kd.enabled is false: "
+                "set enabled: true to use it, or weight: 0 (no silent disablement)"
+            )
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.weight > 0
+
+
+class MonitorConfig(StrictModel):
+    """Thresholds of the live training alerts (``alerts.jsonl``)."""
+
+    enabled: bool = True
+    kd_spike_factor: Annotated[float, Field(gt=1.0)] = 3.0
+    kd_spike_window: Annotated[int, Field(ge=2)] = 20
+    kd_spike_min_history: Annotated[int, Field(ge=1)] = 5
+    sft_regression_window: Annotated[int, Field(ge=2)] = 20
+    sft_regression_tolerance: Annotated[float, Field(ge=0.0)] = 0.10
+    nonfinite: bool = True
+
+
+class CustomConfig(StrictModel):
+    """The ``custom`` section: anchorkd's trainer and monitoring knobs."""
+
+    trainer_variant: Literal["default", "gkd_monitor"] = "default"
+    visual_kd: VisualKDConfig = Field(default_factory=VisualKDConfig)
+    kd_loss_impl: Literal["fused", "reference"] = "fused"
+    kd_chunk_size: Annotated[int, Field(gt=0)] = 1024
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+
+class AnchorRlhfKnobs(StrictModel):
+    """anchorkd's keys inside the ``rlhf`` section (never passed to ms-swift constructors)."""
+
+    llm_kd_weight: float = 1.0
+
+    @field_validator("llm_kd_weight", mode="before")
+    @classmethod
+    def weight_is_non_negative_number(cls, value):
+        return _non_negative_finite_number(value, "llm_kd_weight")
+
+
+def validate_model(model_cls: type[StrictModel], data, section: str, source: str | None = None):
+    """Validate ``data`` with ``model_cls``; turn pydantic errors into ConfigErrors with key paths."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(section, f"must be a mapping, got {type(data).__name__}", source)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in (section, *err["loc"]))
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"unknown key; valid keys here: {', '.join(_valid_keys(model_cls, err['loc']))}"
+            errors.append(ConfigError(loc, message, source))
+        raise ConfigErrors(errors) from None
+
+
+def _valid_keys(model_cls: type[BaseModel], loc) -> list[str]:
+    node = model_cls
+    for part in loc[:-1]:
+        field = node.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        node = annotation
+    return sorted(node.model_fields)

@@ -1,0 +1,133 @@
+"""Which ms-swift argument belongs in which config section, and what type it must have.
+
+The sections of an anchorkd config map onto ms-swift's own argument dataclasses, so the set of valid
+keys is read from ms-swift itself (never copied): a key is valid in a section when one of that
+section's dataclasses declares it. Types come from the same annotations and are checked with
+pydantic, so ``training.learning_rate: fast`` fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from .errors import ConfigError
+
+SECTIONS = ("model", "data", "template", "tuner", "training", "rlhf", "custom")
+SWIFT_SECTIONS = ("model", "data", "template", "tuner", "training", "rlhf")
+# Our own knobs that live in an ms-swift section but are never passed to ms-swift constructors.
+ANCHORKD_RLHF_KEYS = ("llm_kd_weight",)
+# ms-swift declares these on BaseArguments / the trainer mixin, but users think of them as tuner or data
+# settings: they are accepted there as well as under ``training``.
+SECTION_ALIASES = {
+    "tuner": ("tuner_type", "adapters", "vit_lr", "aligner_lr", "vit_gradient_checkpointing"),
+    "data": ("packing", "lazy_tokenize", "packing_length"),
+}
+
+
+def _declared_fields(cls) -> set[str]:
+    """Fields a dataclass declares itself (not inherited)."""
+    return set(cls.__dict__.get("__annotations__", {}))
+
+
+@functools.lru_cache(maxsize=1)
+def section_fields() -> dict[str, frozenset[str]]:
+    """Map each ms-swift-backed section to the argument names it accepts."""
+    from swift.arguments import RLHFArguments, SftArguments
+    from swift.arguments.base_args.data_args import DataArguments
+    from swift.arguments.base_args.model_args import ModelArguments
+    from swift.arguments.base_args.quant_args import QuantizeArguments
+    from swift.arguments.base_args.template_args import TemplateArguments
+    from swift.arguments.tuner_args import TunerArguments
+
+    sft_fields = {f.name for f in dataclasses.fields(SftArguments)}
+    rlhf_all = {f.name for f in dataclasses.fields(RLHFArguments)}
+    grouped = {
+        "model": _declared_fields(ModelArguments) | _declared_fields(QuantizeArguments),
+        "data": _declared_fields(DataArguments),
+        "template": _declared_fields(TemplateArguments),
+        "tuner": _declared_fields(TunerArguments),
+    }
+    claimed = set().union(*grouped.values())
+    rlhf_only = rlhf_all - sft_fields
+    # RLHFArguments re-declares a few SFT names (temperature, max_completion_length, ...): both places work.
+    rlhf_declared = set()
+    for klass in RLHFArguments.__mro__:
+        if klass is SftArguments:
+            break
+        rlhf_declared |= _declared_fields(klass)
+    grouped["rlhf"] = (rlhf_only | (rlhf_declared & rlhf_all)) | set(ANCHORKD_RLHF_KEYS)
+    grouped["training"] = sft_fields - claimed
+    for section, keys in SECTION_ALIASES.items():
+        grouped[section] |= set(keys) & sft_fields
+    return {name: frozenset(keys) for name, keys in grouped.items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _field_types(args_cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(args_cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(args_cls) if f.init}
+
+
+@functools.lru_cache(maxsize=512)
+def _adapter(annotation) -> TypeAdapter | None:
+    try:
+        return TypeAdapter(annotation)
+    except Exception:  # exotic annotations: ms-swift's own constructor checks those
+        return None
+
+
+def closest_names(name: str, candidates, n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.6)
+
+
+def check_section_key(section: str, key: str) -> None:
+    """Raise ConfigError when ``key`` is not a valid ms-swift argument for ``section``."""
+    fields = section_fields()
+    if key in fields[section]:
+        return
+    homes = [name for name, keys in fields.items() if key in keys]
+    path = f"{section}.{key}"
+    if homes:
+        raise ConfigError(path, f"'{key}' belongs under the '{homes[0]}' section ({homes[0]}.{key})")
+    all_keys = set().union(*fields.values())
+    hints = closest_names(key, fields[section]) or closest_names(key, all_keys)
+    suggestion = f"; did you mean: {', '.join(hints)}?" if hints else ""
+    raise ConfigError(path, f"unknown ms-swift argument '{key}'{suggestion}")
+
+
+def coerce_swift_value(args_cls, section: str, key: str, value: Any) -> Any:
+    """Validate ``value`` against the annotation ms-swift declares for ``key``; return the coerced value."""
+    if key in ANCHORKD_RLHF_KEYS:
+        return value
+    annotation = _field_types(args_cls).get(key)
+    if annotation is None:
+        raise ConfigError(f"{section}.{key}", f"'{key}' is not an argument of {args_cls.__name__}")
+    adapter = _adapter(annotation)
+    if adapter is None:
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        if not isinstance(value, (list, tuple, dict)) and _accepts_list(annotation):
+            # ms-swift's command line accepts one value for a list argument; so does our YAML.
+            return coerce_swift_value(args_cls, section, key, [value])
+        problem = exc.errors()[0]["msg"] if exc.errors() else str(exc)
+        raise ConfigError(
+            f"{section}.{key}", f"invalid value {value!r}: expected {_describe(annotation)} ({problem})"
+        ) from None
+
+
+def _accepts_list(annotation) -> bool:
+    origins = {typing.get_origin(annotation)} | {typing.get_origin(a) for a in typing.get_args(annotation)}
+    return bool(origins & {list, typing.List})  # noqa: UP006
+
+
+def _describe(annotation) -> str:
+    text = str(annotation).replace("typing.", "")
+    return text if len(text) < 120 else text[:117] + "..."

@@ -1,0 +1,522 @@
+"""Fused, chunked cross-entropy + generalised JSD straight from hidden states.
+
+With Qwen3-VL's 151,936-token vocabulary the ``[B, T, V]`` logits (and their gradient, and
+ms-swift's fp32 log-softmax copies of student and teacher) dominate memory and time of the
+loss. :func:`fused_ce_jsd` never builds a logits tensor for all positions:
+
+1. only valid positions (``labels != ignore_index``) are kept: ``[N, H]``;
+2. positions are processed in chunks of ``chunk_size`` rows: one fp32 GEMM per side gives
+   ``[chunk, V]`` logits, the loss terms are reduced to per-row scalars, and the chunk's
+   logits are dropped;
+3. backward recomputes each chunk's logits from the saved hidden states / weights and turns
+   the per-row statistics saved by the forward (log-sum-exps, KL terms; ``[N]`` each) into
+   ``d loss / d logits`` for the chunk, which two GEMMs turn into grads for the hidden states
+   and the LM head (and bias). ``grad_ce`` and ``grad_jsd`` are combined per chunk, so
+   ``a * ce + w * jsd`` costs one recompute pass.
+
+The math is the one of :mod:`anchorkd.losses.jsd` (ms-swift / trl conventions): CE on raw
+logits (the model's ``sft_alpha`` loss), JSD on ``logits / temperature``. Everything is fp32
+whatever the input dtype; returned grads are cast back to the input dtypes.
+
+Gradients w.r.t. the logits ``z`` (``s``/``t`` student/teacher log-probs at temperature
+``tau``, ``p = exp(s)``, ``q = exp(t)``, ``m = (1 - beta) p + beta q``, ``D`` = the row's
+divergence, ``K_s = KL(p || m)``)::
+
+    CE               softmax(z) - onehot(y)
+    beta = 0         (p - q) / tau
+    beta = 1         p (s - t - D) / tau
+    0 < beta < 1     (1 - beta) p (s - log m - K_s) / tau
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .jsd import IGNORE_INDEX, _check_beta_temperature, _safe_divide
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "FusedLossOutput", "fused_ce_jsd"]
+
+# Rows per GEMM chunk. Each chunk holds two [chunk, V] fp32 logit buffers in forward and three
+# in backward (student, teacher, grad): 0.6 GB each at V=151,936 and chunk=1024, so a few GB
+# at most. Measured on CPU (bench/loss_floor.py, H=64, 2 threads): the [chunk, H] x [H, V]
+# GEMMs re-read the whole LM head for every chunk, so small chunks are bandwidth bound
+# (chunk=32 is 2-4x slower per GEMM than chunk>=256); past ~512 rows the time is flat. On GPU
+# larger chunks also mean fewer kernel launches.
+DEFAULT_CHUNK_SIZE = 1024
+
+# Rows per element-wise block inside a chunk (CPU only). The ~10 element-wise passes per row
+# run on [block, V] temporaries; at 16 rows they are ~10 MB each, which (a) stays under glibc's
+# 32 MB mmap threshold, so temporaries are recycled instead of page-faulted in fresh each time
+# (that alone made [256+, V] temporaries ~3x slower), and (b) keeps part of the working set in
+# L3. On accelerators the whole chunk is one block (launch overhead dominates there).
+_CPU_BLOCK_BYTES = 10 * 2**20
+
+# Smallest normal fp32: floor for the mixture before its log, so that rows where p and q both
+# underflow give log m finite (their terms are multiplied by p or q ~ 0 anyway) instead of NaN.
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+class FusedLossOutput(NamedTuple):
+    """Result of :func:`fused_ce_jsd`.
+
+    Attributes:
+        ce: fp32 scalar, sum of token CE over valid positions / normaliser (0 if disabled).
+        jsd: fp32 scalar, sum of the generalised JSD over valid positions / normaliser.
+        n_valid: int64 scalar, number of positions with ``labels != ignore_index``.
+        correct_tokens: int64 scalar, valid positions whose student argmax equals the label.
+    """
+
+    ce: torch.Tensor
+    jsd: torch.Tensor
+    n_valid: torch.Tensor
+    correct_tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Config:
+    beta: float
+    temperature: float
+    chunk_size: int
+    block_rows: int | None
+    compute_ce: bool
+    compute_jsd: bool
+
+
+def fused_ce_jsd(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_lm_head_weight: torch.Tensor | None = None,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    num_items: int | torch.Tensor | None = None,
+    compute_ce: bool = True,
+    compute_jsd: bool = True,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    block_rows: int | None = None,
+) -> FusedLossOutput:
+    """CE and generalised JSD of the LM head applied to hidden states, without full logits.
+
+    Args:
+        student_hidden: ``[B, T, H]`` or ``[N, H]`` final hidden states, already aligned with
+            ``labels`` (row ``i`` predicts ``labels[i]``; the caller shifts).
+        lm_head_weight: ``[V, H]`` student LM head.
+        labels: ``[B, T]`` or ``[N]`` target ids, ``ignore_index`` for positions to skip.
+        teacher_hidden: ``[B, T, H_t]`` / ``[N, H_t]`` teacher hidden states on the same
+            positions; required when ``compute_jsd``. Treated as a constant.
+        teacher_lm_head_weight: ``[V, H_t]`` teacher LM head (constant); ``None`` reuses
+            ``lm_head_weight`` (detached) for the teacher side.
+        beta: generalised JSD interpolation in ``[0, 1]`` (0 forward KL, 1 reverse KL).
+        temperature: JSD uses ``logits / temperature``; CE uses raw logits (as ms-swift).
+        chunk_size: positions per GEMM chunk (see ``DEFAULT_CHUNK_SIZE``).
+        num_items: normaliser for both losses; default ``n_valid``. Pass the valid-token count
+            of the whole accumulated batch to make micro-batch losses sum to the batch loss.
+        compute_ce / compute_jsd: skip a term entirely (its output is then 0).
+        student_lm_head_bias / teacher_lm_head_bias: optional ``[V]`` biases.
+        ignore_index: label value of masked positions.
+        block_rows: rows per element-wise block; ``None`` = automatic (see module constants).
+
+    Returns:
+        :class:`FusedLossOutput` ``(ce, jsd, n_valid, correct_tokens)``; ``ce``/``jsd`` are
+        differentiable w.r.t. ``student_hidden``, ``lm_head_weight`` and its bias.
+    """
+    _check_beta_temperature(beta, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden_size = student_hidden.size(-1)
+    vocab_size = lm_head_weight.size(0)
+    if lm_head_weight.size(1) != hidden_size:
+        raise ValueError(f"lm_head_weight {tuple(lm_head_weight.shape)} vs hidden size {hidden_size}")
+    if student_hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} vs labels {tuple(labels.shape)}")
+
+    flat_labels = labels.reshape(-1)
+    valid_rows = (flat_labels != ignore_index).nonzero().squeeze(1)  # [N]
+    hidden_valid = student_hidden.reshape(-1, hidden_size).index_select(0, valid_rows)
+    labels_valid = flat_labels.index_select(0, valid_rows)
+
+    teacher_valid = teacher_weight = teacher_bias = None
+    if compute_jsd:
+        if teacher_hidden is None:
+            raise ValueError("compute_jsd=True needs teacher_hidden")
+        if teacher_hidden.shape[:-1] != labels.shape:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} vs labels {tuple(labels.shape)}")
+        teacher_weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
+        teacher_bias = student_lm_head_bias if teacher_lm_head_weight is None else teacher_lm_head_bias
+        if teacher_weight.shape != (vocab_size, teacher_hidden.size(-1)):
+            raise ValueError(
+                f"teacher LM head {tuple(teacher_weight.shape)} must be [V={vocab_size}, H_t={teacher_hidden.size(-1)}]"
+            )
+        teacher_weight = teacher_weight.detach()
+        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+        teacher_valid = (
+            teacher_hidden.detach().reshape(-1, teacher_hidden.size(-1)).index_select(0, valid_rows)
+        )
+
+    config = _Config(beta, temperature, chunk_size, block_rows, compute_ce, compute_jsd)
+    ce_sum, jsd_sum, correct = _FusedCEJSD.apply(
+        hidden_valid,
+        lm_head_weight,
+        student_lm_head_bias,
+        teacher_valid,
+        teacher_weight,
+        teacher_bias,
+        labels_valid,
+        config,
+    )
+    n_valid = torch.tensor(valid_rows.numel(), dtype=torch.int64, device=labels.device)
+    denominator = n_valid if num_items is None else num_items
+    return FusedLossOutput(
+        _safe_divide(ce_sum, denominator), _safe_divide(jsd_sum, denominator), n_valid, correct
+    )
+
+
+class _FusedCEJSD(torch.autograd.Function):
+    """Sums of CE and JSD over rows; saves only inputs and ``[N]`` row statistics."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,  # [N, H]
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        teacher_hidden: torch.Tensor | None,  # [N, H_t]
+        teacher_weight: torch.Tensor | None,  # [V, H_t]
+        teacher_bias: torch.Tensor | None,  # [V]
+        labels: torch.Tensor,  # [N]
+        config: _Config,
+    ):
+        ctx.set_materialize_grads(False)
+        n_rows, vocab_size = hidden.size(0), weight.size(0)
+        device = hidden.device
+        ce_sum = torch.zeros((), dtype=torch.float32, device=device)
+        jsd_sum = torch.zeros((), dtype=torch.float32, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        stats = _RowStats.allocate(n_rows, config, device)
+
+        student_head = _Head(weight, bias, scale=1.0)
+        teacher_head = (
+            _Head(teacher_weight, teacher_bias, scale=1.0 / config.temperature)
+            if config.compute_jsd
+            else None
+        )
+        chunk = min(config.chunk_size, max(n_rows, 1))
+        student_buf = torch.empty(chunk, vocab_size, dtype=torch.float32, device=device)
+        teacher_buf = torch.empty_like(student_buf) if config.compute_jsd else None
+        block = _block_rows(config, vocab_size, device)
+
+        for start in range(0, n_rows, chunk):
+            end = min(start + chunk, n_rows)
+            logits = student_head.logits(hidden[start:end], student_buf)  # raw z
+            teacher_logits = (
+                teacher_head.logits(teacher_hidden[start:end], teacher_buf) if teacher_head else None
+            )
+            for b_start in range(0, end - start, block):
+                b_end = min(b_start + block, end - start)
+                rows = slice(start + b_start, start + b_end)
+                ce_part, jsd_part, correct_part = _forward_block(
+                    logits[b_start:b_end],
+                    None if teacher_logits is None else teacher_logits[b_start:b_end],
+                    labels[rows],
+                    stats,
+                    rows,
+                    config,
+                )
+                ce_sum += ce_part
+                jsd_sum += jsd_part
+                correct += correct_part
+        del student_buf, teacher_buf
+
+        ctx.config = config
+        ctx.has_bias = bias is not None
+        ctx.has_teacher_bias = teacher_bias is not None
+        ctx.save_for_backward(
+            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, *stats.as_tuple()
+        )
+        ctx.mark_non_differentiable(correct)
+        if not config.compute_ce:
+            ctx.mark_non_differentiable(ce_sum)
+        if not config.compute_jsd:
+            ctx.mark_non_differentiable(jsd_sum)
+        return ce_sum, jsd_sum, correct
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ce, grad_jsd, _grad_correct):
+        config: _Config = ctx.config
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, *stat_tensors = (
+            ctx.saved_tensors
+        )
+        stats = _RowStats(*stat_tensors)
+        grad_ce = grad_ce if config.compute_ce and not _is_zero(grad_ce) else None
+        grad_jsd = grad_jsd if config.compute_jsd and not _is_zero(grad_jsd) else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+
+        n_rows, vocab_size = hidden.size(0), weight.size(0)
+        device = hidden.device
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
+        grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
+
+        if n_rows > 0 and (grad_ce is not None or grad_jsd is not None):
+            student_head = _Head(weight, bias, scale=1.0)
+            teacher_head = (
+                _Head(teacher_weight, teacher_bias, scale=1.0 / config.temperature)
+                if grad_jsd is not None
+                else None
+            )
+            chunk = min(config.chunk_size, n_rows)
+            logits_buf = torch.empty(chunk, vocab_size, dtype=torch.float32, device=device)
+            teacher_buf = torch.empty_like(logits_buf) if teacher_head else None
+            block = _block_rows(config, vocab_size, device)
+            for start in range(0, n_rows, chunk):
+                end = min(start + chunk, n_rows)
+                hidden_chunk = hidden[start:end].float()
+                # d loss / d logits overwrites the recomputed logits block by block.
+                grad_logits = student_head.logits(hidden_chunk, logits_buf)
+                teacher_logits = (
+                    teacher_head.logits(teacher_hidden[start:end], teacher_buf) if teacher_head else None
+                )
+                for b_start in range(0, end - start, block):
+                    b_end = min(b_start + block, end - start)
+                    rows = slice(start + b_start, start + b_end)
+                    _backward_block(
+                        grad_logits[b_start:b_end],
+                        None if teacher_logits is None else teacher_logits[b_start:b_end],
+                        labels[rows],
+                        stats,
+                        rows,
+                        grad_ce,
+                        grad_jsd,
+                        config,
+                    )
+                if need_hidden:
+                    torch.mm(grad_logits, student_head.weight, out=grad_hidden[start:end])
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.T, hidden_chunk)
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+
+        return (
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class _Head:
+    """LM head upcast to fp32 once per call (not per chunk); ``scale`` folds 1/temperature in."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: float):
+        self.weight = weight.float()  # [V, H], no copy when already fp32
+        self.bias = None if bias is None else bias.float()
+        self.scale = scale
+
+    def logits(self, hidden: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        """``[rows, H] -> [rows, V]`` fp32 ``scale * (hidden @ W.T + b)`` written into ``buffer``."""
+        out = buffer[: hidden.size(0)]
+        hidden = hidden.float()
+        if self.scale != 1.0:
+            hidden = hidden * self.scale  # [rows, H]: cheaper than scaling [rows, V]
+        if self.bias is None:
+            return torch.mm(hidden, self.weight.T, out=out)
+        return torch.addmm(self.bias, hidden, self.weight.T, beta=self.scale, out=out)
+
+
+@dataclass
+class _RowStats:
+    """Per-row ``[N]`` fp32 statistics carried from forward to backward (``None`` = unused).
+
+    ``lse_raw``: logsumexp of raw student logits (CE softmax; also the JSD one at temperature
+    1). ``lse_tempered``: logsumexp of ``student logits / temperature`` (temperature != 1).
+    ``lse_teacher``: logsumexp of tempered teacher logits. ``kl_term``: the row divergence
+    ``D`` for beta=1, ``K_s = KL(p || m)`` for 0<beta<1.
+    """
+
+    lse_raw: torch.Tensor | None
+    lse_tempered: torch.Tensor | None
+    lse_teacher: torch.Tensor | None
+    kl_term: torch.Tensor | None
+
+    @staticmethod
+    def allocate(n_rows: int, config: _Config, device: torch.device) -> _RowStats:
+        def new(needed: bool) -> torch.Tensor | None:
+            return torch.empty(n_rows, dtype=torch.float32, device=device) if needed else None
+
+        tempered = config.temperature != 1.0
+        jsd = config.compute_jsd
+        return _RowStats(
+            lse_raw=new(config.compute_ce or (jsd and not tempered)),
+            lse_tempered=new(jsd and tempered),
+            lse_teacher=new(jsd),
+            kl_term=new(jsd and config.beta > 0),
+        )
+
+    def as_tuple(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.lse_raw, self.lse_tempered, self.lse_teacher, self.kl_term)
+
+    def student_lse(self) -> torch.Tensor:
+        """LSE of the logits the JSD's student softmax uses."""
+        return self.lse_raw if self.lse_tempered is None else self.lse_tempered
+
+
+def _forward_block(
+    logits: torch.Tensor,  # [r, V] raw student logits z (scratch: overwritten)
+    teacher_logits: torch.Tensor | None,  # [r, V] tempered teacher logits (scratch: overwritten)
+    labels: torch.Tensor,  # [r]
+    stats: _RowStats,
+    rows: slice,
+    config: _Config,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ce_sum, jsd_sum, correct)`` for one block of rows; fills ``stats[rows]``."""
+    zero = logits.new_zeros(())
+    max_logit, argmax = logits.max(dim=-1)  # [r]; the argmax gives token accuracy for free
+    correct = (argmax == labels).sum()
+    argmax_col = argmax.unsqueeze(1)
+
+    # log_softmax is one fused kernel; its LSE is read back at the argmax column, where
+    # log p is in [-log V, 0], so the subtraction loses no precision.
+    ce = zero
+    raw_logp = None
+    if stats.lse_raw is not None:
+        raw_logp = torch.log_softmax(logits, dim=-1)  # [r, V]
+        stats.lse_raw[rows] = max_logit - raw_logp.gather(1, argmax_col).squeeze(1)
+        if config.compute_ce:
+            ce = -raw_logp.gather(1, labels.unsqueeze(1)).sum()
+    if not config.compute_jsd:
+        return ce, zero, correct
+
+    if stats.lse_tempered is None:
+        student_logp = raw_logp  # temperature 1: CE and JSD share the softmax
+    else:
+        del raw_logp
+        inv_temperature = 1.0 / config.temperature
+        student_logp = torch.log_softmax(logits.mul_(inv_temperature), dim=-1)
+        stats.lse_tempered[rows] = max_logit * inv_temperature - student_logp.gather(1, argmax_col).squeeze(1)
+    teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+    # Teacher LSE read at the student's argmax column (a likely token for the teacher too);
+    # any column is exact up to the rounding of |log q| there.
+    stats.lse_teacher[rows] = (
+        teacher_logits.gather(1, argmax_col) - teacher_logp.gather(1, argmax_col)
+    ).squeeze(1)
+
+    beta = config.beta
+    if beta == 0:  # KL(q || p) = sum q (t - s)
+        teacher_prob = torch.exp(teacher_logp, out=teacher_logits)
+        divergence = torch.linalg.vecdot(teacher_prob, teacher_logp.sub_(student_logp))
+    elif beta == 1:  # KL(p || q) = sum p (s - t)
+        student_prob = torch.exp(student_logp)
+        divergence = torch.linalg.vecdot(student_prob, teacher_logp.neg_().add_(student_logp))
+        stats.kl_term[rows] = divergence
+    else:  # beta KL(q || m) + (1 - beta) KL(p || m)
+        student_prob = torch.exp(student_logp)
+        teacher_prob = torch.exp(teacher_logp, out=teacher_logits)
+        log_mixture = _unshifted_log_mixture(student_prob, teacher_prob, beta).add_(math.log1p(-beta))
+        kl_student = torch.linalg.vecdot(student_prob, student_logp.sub_(log_mixture))
+        kl_teacher = torch.linalg.vecdot(teacher_prob, teacher_logp.sub_(log_mixture))
+        stats.kl_term[rows] = kl_student
+        divergence = beta * kl_teacher + (1.0 - beta) * kl_student
+    return ce, divergence.sum(), correct
+
+
+def _backward_block(
+    logits: torch.Tensor,  # [r, V] raw student logits in, d total / d logits out
+    teacher_logits: torch.Tensor | None,  # [r, V] tempered teacher logits (scratch)
+    labels: torch.Tensor,  # [r]
+    stats: _RowStats,
+    rows: slice,
+    grad_ce: torch.Tensor | None,  # 0-dim d total / d ce_sum (None: term unused)
+    grad_jsd: torch.Tensor | None,  # 0-dim d total / d jsd_sum (None: term unused)
+    config: _Config,
+) -> None:
+    """Overwrite ``logits`` with the gradient of ``grad_ce * ce_sum + grad_jsd * jsd_sum``."""
+
+    def per_row(stat: torch.Tensor) -> torch.Tensor:
+        return stat[rows].unsqueeze(1)  # [r, 1]
+
+    if grad_jsd is None:  # CE only: softmax(z) * g - g * onehot, all in place
+        logits.sub_(per_row(stats.lse_raw)).exp_().mul_(grad_ce)
+        _subtract_at_labels(logits, labels, grad_ce)
+        return
+
+    inv_temperature = 1.0 / config.temperature
+    tempered = stats.lse_tempered is not None
+    # At temperature 1 the CE softmax is the JSD's p and folds into the same product;
+    # otherwise it needs its own exp pass.
+    separate_ce = None
+    if grad_ce is not None and tempered:
+        separate_ce = torch.sub(logits, per_row(stats.lse_raw)).exp_().mul_(grad_ce)
+    fold_ce = grad_ce is not None and not tempered
+
+    if tempered:
+        logits.mul_(inv_temperature)
+    student_logp = logits.sub_(per_row(stats.student_lse()))  # s, in place
+    teacher_logp = teacher_logits.sub_(per_row(stats.lse_teacher))  # t, in place
+    beta = config.beta
+    if beta == 0:  # (p - q) * grad_jsd / tau  [+ p * grad_ce]
+        jsd_scale = grad_jsd * inv_temperature
+        scaled_teacher_prob = teacher_logp.exp_().mul_(jsd_scale)
+        student_logp.exp_().mul_(jsd_scale + grad_ce if fold_ce else jsd_scale).sub_(scaled_teacher_prob)
+    else:  # p * (factor * scale [+ grad_ce])
+        student_prob = torch.exp(student_logp)
+        if beta == 1:  # factor = s - t - D
+            factor = student_logp.sub_(teacher_logp).sub_(per_row(stats.kl_term))
+            jsd_scale = grad_jsd * inv_temperature
+        else:  # factor = s - log m - K_s, with log m = log m' + log(1 - beta)
+            teacher_prob = teacher_logp.exp_()
+            log_mixture_unshifted = _unshifted_log_mixture(student_prob, teacher_prob, beta)
+            row_shift = per_row(stats.kl_term) + math.log1p(-beta)
+            factor = student_logp.sub_(log_mixture_unshifted).sub_(row_shift)
+            jsd_scale = grad_jsd * ((1.0 - beta) * inv_temperature)
+        factor.mul_(jsd_scale)
+        if fold_ce:
+            factor.add_(grad_ce)
+        factor.mul_(student_prob)
+    if separate_ce is not None:
+        logits.add_(separate_ce)
+    if grad_ce is not None:
+        _subtract_at_labels(logits, labels, grad_ce)
+
+
+def _unshifted_log_mixture(
+    student_prob: torch.Tensor, teacher_prob: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """``log(p + beta / (1 - beta) q) = log m - log(1 - beta)`` as a new ``[r, V]`` tensor.
+
+    Cheaper than ``logaddexp`` of the log-probs (an exp and a log1p per element) because
+    ``p`` and ``q`` are already at hand; the floor keeps it finite where both underflow.
+    """
+    mixture = torch.add(student_prob, teacher_prob, alpha=beta / (1.0 - beta))
+    return mixture.clamp_min_(_FP32_TINY).log_()
+
+
+def _subtract_at_labels(grad: torch.Tensor, labels: torch.Tensor, value: torch.Tensor) -> None:
+    """``grad[i, labels[i]] -= value`` (the ``-onehot`` part of the CE gradient)."""
+    grad.scatter_add_(1, labels.unsqueeze(1), (-value).to(grad.dtype).expand(labels.size(0), 1))
+
+
+def _block_rows(config: _Config, vocab_size: int, device: torch.device) -> int:
+    if config.block_rows is not None:
+        return max(1, config.block_rows)
+    if device.type != "cpu":
+        return config.chunk_size
+    return max(1, _CPU_BLOCK_BYTES // (4 * vocab_size))
+
+
+def _is_zero(grad: torch.Tensor | None) -> bool:
+    """True for a missing or all-zero upstream grad (one host sync; lets us skip a term)."""
+    return grad is None or not bool(grad.ne(0).any())
