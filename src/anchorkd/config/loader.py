@@ -26,11 +26,13 @@ import yaml
 from . import swift_keys
 from .errors import ConfigError, ConfigErrors
 from .schema import AnchorRlhfKnobs, CustomConfig, validate_model
-from .yaml_io import apply_overrides, load_yaml_with_extends
+from .yaml_io import apply_overrides, load_yaml_with_extends, resolve_references
 
 logger = logging.getLogger("anchorkd")
 
 RESOLVED_CONFIG_NAME = "anchorkd_config.yaml"
+# Environment variables ms-swift's argument constructors set from the output dir.
+_ENV_SET_BY_SWIFT_ARGS = ("TENSORBOARD_LOGGING_DIR",)
 RunMode = Literal["sft", "gkd"]
 
 
@@ -43,6 +45,7 @@ class ResolvedConfig:
     llm_kd_weight: float
     mode: RunMode
     sources: list[Path]
+    teacher_mode: str = "none"  # none | base_anchor | separate
 
     @property
     def visual_kd_active(self) -> bool:
@@ -90,7 +93,7 @@ class ConfigLoader:
     ) -> ResolvedConfig:
         """Steps 1-4: everything that can be checked without constructing ms-swift objects."""
         raw, sources = load_yaml_with_extends(path)
-        raw = apply_overrides(raw, overrides)
+        raw = resolve_references(apply_overrides(raw, overrides))
         source = str(sources[-1])
         sections = _split_sections(raw, source)
         custom = validate_model(CustomConfig, sections.pop("custom"), "custom", source)
@@ -130,10 +133,21 @@ class ConfigLoader:
         _apply_offline_defaults(config, kwargs)
         args_cls = _args_cls(config.mode == "gkd")
         if not create_output_dir:
-            with tempfile.TemporaryDirectory(prefix="anchorkd-validate-") as scratch:
-                train_args = _construct(args_cls, {**kwargs, "output_dir": scratch, "add_version": False})
+            # ms-swift also exports the log dir (TENSORBOARD_LOGGING_DIR, set only when unset): do not let
+            # a validation leave it pointing into the throwaway dir for a later run in this process.
+            saved_env = {name: os.environ.get(name) for name in _ENV_SET_BY_SWIFT_ARGS}
+            try:
+                with tempfile.TemporaryDirectory(prefix="anchorkd-validate-") as scratch:
+                    train_args = _construct(args_cls, {**kwargs, "output_dir": scratch, "add_version": False})
+            finally:
+                for name, value in saved_env.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
         else:
             train_args = _construct(args_cls, kwargs)
+        _settle_teacher_mode(train_args, config)
         _attach_knobs(train_args, config)
         return LoadedConfig(config, train_args)
 
@@ -167,7 +181,9 @@ def _split_sections(raw: dict, source: str) -> dict[str, dict]:
             errors.append(ConfigError(str(key), rule, source))
     sections: dict[str, dict] = {}
     for name in swift_keys.SECTIONS:
-        value = raw.get(name) or {}
+        value = raw.get(name)
+        if value is None:  # absent, or a bare ``section:`` with nothing under it
+            value = {}
         if not isinstance(value, dict):
             errors.append(ConfigError(name, f"must be a mapping, got {type(value).__name__}", source))
             value = {}
@@ -179,14 +195,17 @@ def _split_sections(raw: dict, source: str) -> dict[str, dict]:
 
 def _check_swift_keys(sections: dict[str, dict], args_cls, source: str) -> None:
     errors = []
+    # ``rlhf`` keys are RLHFArguments fields whatever the run: type-check them there, so that an rlhf key
+    # without rlhf.rlhf_type reaches the rule that says so instead of "not an argument of SftArguments".
+    rlhf_cls = _args_cls(True)
     for section in swift_keys.SWIFT_SECTIONS:
+        section_cls = rlhf_cls if section == "rlhf" else args_cls
         for key, value in list(sections[section].items()):
             try:
                 swift_keys.check_section_key(section, key)
-                sections[section][key] = swift_keys.coerce_swift_value(args_cls, section, key, value)
+                sections[section][key] = swift_keys.coerce_swift_value(section_cls, section, key, value)
             except ConfigError as err:
-                err.source = source
-                errors.append(err)
+                errors.append(ConfigError(err.key_path, err.rule, source))
     if not sections["model"].get("model"):
         errors.append(ConfigError("model.model", "required: the base checkpoint path (or hub id)", source))
     if not sections["data"].get("dataset") and not sections["data"].get("cached_dataset"):
@@ -367,6 +386,35 @@ def _remove_created(output_dir: str | None, existed: bool, before: set[str]) -> 
         else:
             for name in set(os.listdir(output_dir)) - before:
                 shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
+
+
+def _settle_teacher_mode(train_args, config: ResolvedConfig) -> None:
+    """Keep ms-swift's adapter-disabled teacher only where it really is the base model.
+
+    ms-swift uses "student with LoRA disabled" as the teacher whenever ``teacher_model == model`` and
+    the tuner is LoRA. That is exact (and saves a second copy of the weights) only if LoRA is all that
+    trains. With a trainable aligner or vision tower (stage 3), disabling the adapter would leave the
+    already-updated aligner in the "teacher", anchoring the student to itself; load a frozen copy then.
+    """
+    if config.mode != "gkd":
+        config.teacher_mode = "none"
+        return
+    if getattr(train_args, "_teacher_use_disable_adapter", False):
+        tuner = config.sections["tuner"]
+        trains_more_than_lora = (
+            not tuner.get("freeze_aligner", True)
+            or not tuner.get("freeze_vit", True)
+            or bool(tuner.get("modules_to_save"))
+        )
+        if trains_more_than_lora:
+            logger.info("teacher = base checkpoint, but non-LoRA parts train: loading a frozen teacher copy")
+            train_args._teacher_use_disable_adapter = False
+            train_args.teacher_model = config.sections["model"]["model"]
+            config.teacher_mode = "separate"
+        else:
+            config.teacher_mode = "base_anchor"
+    else:
+        config.teacher_mode = "separate"
 
 
 def _attach_knobs(train_args, config: ResolvedConfig) -> None:

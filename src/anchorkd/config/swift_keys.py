@@ -129,5 +129,7 @@ def _accepts_list(annotation) -> bool:
 
 
 def _describe(annotation) -> str:
+    if isinstance(annotation, type):  # plain classes print as "<class 'float'>"
+        return annotation.__name__
     text = str(annotation).replace("typing.", "")
     return text if len(text) < 120 else text[:117] + "..."

@@ -5,6 +5,10 @@ Resolution rules:
   in order, then the file itself on top.
 - Mappings merge key by key (deep); any other value, lists included, replaces the parent's value.
 - A file that (transitively) extends itself is reported with the whole chain.
+- A string value that is exactly ``${section.key}`` takes the value at that path after merging and
+  overrides (e.g. ``rlhf.teacher_model: ${model.model}`` anchors to whatever base model is used).
+- Booleans follow YAML 1.2 (only true/false), so ``no``/``yes``/``on``/``off`` stay strings as
+  ms-swift and transformers expect (``eval_strategy: no``).
 - An override ``a.b.c=value`` parses ``value`` as YAML (``lr=1e-4`` is a float, ``x=[1,2]`` a list,
   ``x=null`` clears a key) and sets it at that path, creating mappings on the way.
 """
@@ -21,7 +25,26 @@ import yaml
 
 from .errors import ConfigError
 
+
 # PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; users mean a number.
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """SafeLoader where only true/false are booleans (YAML 1.2), so ``eval_strategy: no`` stays "no"."""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml_text(text: str):
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+_REFERENCE = re.compile(r"^\$\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+)\}$")
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -42,9 +65,10 @@ def _coerce_tree(node: Any) -> Any:
 def read_yaml_mapping(path: Path) -> dict:
     """Read one YAML file that must hold a mapping (or nothing)."""
     if not path.is_file():
-        raise ConfigError("extends" if path.suffix else "config", f"config file not found: {path}")
+        # Extended files are checked by ``_resolve`` (key ``extends``); this is the config file itself.
+        raise ConfigError("config", f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -108,7 +132,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(key or text, f"override {text!r} must look like section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"override value {raw!r} is not valid YAML: {exc}") from exc
     return key.split("."), _coerce_tree(value)
@@ -130,3 +154,28 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
             node = child
         node[keys[-1]] = value
     return result
+
+
+def resolve_references(config: dict) -> dict:
+    """Replace every ``${a.b}`` string with the value found at ``a.b`` (which must not be a reference)."""
+
+    def lookup(path: str, where: str):
+        node: Any = config
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                raise ConfigError(where, f"${{{path}}} refers to a key that is not set")
+            node = node[key]
+        if isinstance(node, str) and _REFERENCE.match(node):
+            raise ConfigError(where, f"${{{path}}} refers to another reference ({node}); give a value")
+        return copy.deepcopy(node)
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str) and (match := _REFERENCE.match(node)):
+            return lookup(match.group(1), where)
+        return node
+
+    return walk(config, "")

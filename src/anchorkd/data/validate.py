@@ -48,8 +48,14 @@ def validate_jsonl(path: str | Path, check_images: bool = True) -> int:
     path = Path(path)
     count = 0
     checked_images: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    str(path), f"not valid UTF-8 text ({exc.reason} at byte {exc.start})", line_no
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -1,0 +1,380 @@
+"""``GKDTrainerWithMetrics``: ms-swift's GKD trainer with weighted LM-head KD, visual KD and telemetry.
+
+Loss per micro-batch (spec 003/004), with ``w = rlhf.llm_kd_weight``:
+- ``w > 0``:  ``loss = w * jsd + sft_alpha * ce (+ visual_kd.weight * visual)``
+- ``w == 0``: ``loss = 1.0 * ce (+ visual_kd.weight * visual)``; the LM-head KD branch is skipped and,
+  without visual KD, the teacher never runs.
+With ``w = 1`` and visual KD off, the value is the one stock ms-swift GKD computes on the same batch.
+
+Normalisation: every token term is ``sum over supervised positions / supervised positions of the whole
+accumulation window``, so a batch of 4 in one step and the same 4 samples as 2 x 2 accumulated give the
+same loss and gradients (stock GKD averages per-micro-batch means instead).
+
+The math lives in ``anchorkd.losses``; this class gathers inputs (hidden states from hooks, teacher
+outputs), composes the terms and logs each one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import defaultdict
+
+import torch
+from swift.rlhf_trainers.gkd_loss import DataSource
+from swift.rlhf_trainers.gkd_trainer import GKDTrainer
+from swift.trainers import disable_gradient_checkpointing
+
+from ..config.errors import ConfigError
+from ..config.schema import CustomConfig
+from ..losses.fused import fused_ce_jsd
+from ..losses.jsd import IGNORE_INDEX, generalized_jsd, masked_ce
+from ..losses.visual import visual_kd_loss
+from .features import (
+    STUDENT,
+    TEACHER,
+    FeatureCapture,
+    find_language_body,
+    find_lm_head,
+    lm_head_weight,
+    visual_targets,
+)
+
+logger = logging.getLogger("anchorkd")
+
+BODY = "body"
+# Every metric this trainer logs; "loss" itself is logged by the HF Trainer from the returned loss.
+METRIC_NAMES = ("sft_loss", "llm_kd_loss", "vision_kd_loss", "token_accuracy", "token_count")
+_WINDOW_TOKENS = "anchorkd_window_tokens"
+_WINDOW_VISUAL_TOKENS = "anchorkd_window_visual_tokens"
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them: position t holds the token at t + 1."""
+    shifted = torch.roll(labels, shifts=-1, dims=1)
+    shifted[:, -1] = IGNORE_INDEX
+    return shifted
+
+
+def supervised_tokens(model_inputs: dict) -> int:
+    return int((shift_labels(model_inputs["labels"]) != IGNORE_INDEX).sum())
+
+
+def visual_tokens(model_inputs: dict, merge_size: int) -> int:
+    total = 0
+    for key in ("image_grid_thw", "video_grid_thw"):
+        grid = model_inputs.get(key)
+        if grid is not None:
+            total += int(grid.prod(-1).sum()) // (merge_size**2)
+    return total
+
+
+class GKDTrainerWithMetrics(GKDTrainer):
+    """Subclass of ms-swift's ``GKDTrainer`` (no ms-swift file is changed)."""
+
+    def __init__(self, model=None, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        training_args = self.args
+        self.llm_kd_weight = float(getattr(training_args, "llm_kd_weight", 1.0))
+        custom: CustomConfig = getattr(training_args, "anchorkd_custom", None) or CustomConfig()
+        self.visual_kd = custom.visual_kd
+        self.kd_loss_impl = custom.kd_loss_impl
+        self.kd_chunk_size = custom.kd_chunk_size
+        # Our loss is already normalised over the accumulation window; HF must not divide it again.
+        self.loss_is_scaled_for_ga = True
+        self._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._warned_nonfinite: set[tuple[str, int]] = set()
+        self._check_supported()
+        self._capture = FeatureCapture()
+        self._register_hooks()
+        self._warn_forward_only_knobs()
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def _check_supported(self) -> None:
+        if self.use_teacher_api:
+            raise ConfigError(
+                "rlhf.teacher_model_server", "not supported by custom.trainer_variant: gkd_monitor"
+            )
+        if self.gkd_logits_topk is not None:
+            raise ConfigError(
+                "rlhf.gkd_logits_topk", "not supported by gkd_monitor (it uses the full vocabulary)"
+            )
+        if self.use_liger_gkd_loss:
+            raise ConfigError(
+                "training.use_liger_kernel", "gkd_monitor has its own fused KD loss; turn liger off"
+            )
+        if self.kd_active and not self._has_local_teacher:
+            raise ConfigError(
+                "rlhf.teacher_model",
+                "KD is active but no frozen teacher was loaded (self-distillation against the moving student "
+                "is not an anchor)",
+            )
+
+    @property
+    def kd_active(self) -> bool:
+        return self.llm_kd_weight > 0 or self.visual_kd.active
+
+    @property
+    def _has_local_teacher(self) -> bool:
+        return self.teacher_model is not None or self._teacher_use_disable_adapter
+
+    @property
+    def teacher_mode(self) -> str:
+        if self.teacher_model is not None:
+            return "separate"
+        return "base_anchor" if self._teacher_use_disable_adapter else "none"
+
+    def _register_hooks(self) -> None:
+        student = self.accelerator.unwrap_model(self.model)
+        shared_roles = (STUDENT, TEACHER) if self._teacher_use_disable_adapter else (STUDENT,)
+        watched = {BODY: find_language_body(student)}
+        if self.visual_kd.active:
+            watched.update(visual_targets(student, self.visual_kd.targets))
+        self._capture.watch(watched, roles=shared_roles)
+        if self.teacher_model is not None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            teacher_watched = {BODY: find_language_body(teacher)}
+            if self.visual_kd.active:
+                teacher_watched.update(visual_targets(teacher, self.visual_kd.targets))
+            self._capture.watch(teacher_watched, roles=(TEACHER,))
+
+    def _warn_forward_only_knobs(self) -> None:
+        if self.lmbda == 0:
+            logger.warning(
+                "lmbda=0 (forward-only KD): the student never samples, so max_completion_length and the "
+                "sampling role of temperature are ignored (temperature still softens both distributions in "
+                "the JSD, as in ms-swift)."
+            )
+
+    # --- accumulation window --------------------------------------------------------------------
+
+    def _prepare_inputs(self, inputs):
+        training = self.model.training
+        new_buffer = training and (
+            self._step % self.args.steps_per_generation == 0 or self._buffered_inputs is None
+        )
+        batch = super()._prepare_inputs(inputs)
+        if not training:
+            self._annotate_window([batch])
+        elif new_buffer:
+            self._annotate_buffer(self._buffered_inputs)
+        return batch
+
+    def _annotate_buffer(self, buffer: list[dict]) -> None:
+        accumulation = self.args.gradient_accumulation_steps
+        if len(buffer) % accumulation == 0:
+            for start in range(0, len(buffer), accumulation):
+                self._annotate_window(buffer[start : start + accumulation])
+            return
+        # The generation buffer does not line up with optimizer steps: fall back to per-micro-batch
+        # means averaged over the window (what stock GKD does).
+        for batch in buffer:
+            self._annotate_window([batch], scale=accumulation)
+
+    def _annotate_window(self, window: list[dict], scale: int = 1) -> None:
+        merge = self._spatial_merge_size()
+        tokens = sum(supervised_tokens(b["model_inputs"]) for b in window) * scale
+        vis_tokens = sum(visual_tokens(b["model_inputs"], merge) for b in window) * scale
+        for batch in window:
+            batch[_WINDOW_TOKENS] = tokens
+            batch[_WINDOW_VISUAL_TOKENS] = vis_tokens
+
+    def _spatial_merge_size(self) -> int:
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        vision = getattr(config, "vision_config", None)
+        return int(getattr(vision, "spatial_merge_size", 1) or 1)
+
+    # --- loss --------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        model_inputs = inputs["model_inputs"]
+        labels = shift_labels(model_inputs["labels"])
+        micro_tokens = int((labels != IGNORE_INDEX).sum())
+        window_tokens = max(int(inputs.get(_WINDOW_TOKENS, micro_tokens)), 1)
+        from_dataset = inputs["gkd_batch"].data_source != DataSource.STUDENT
+        lm_kd = self.llm_kd_weight > 0
+        ce_weight = (self.args.sft_alpha if lm_kd else 1.0) if from_dataset else 0.0
+        fused = self.kd_loss_impl == "fused"
+
+        forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
+        with self._capture.role(STUDENT) as student_features:
+            outputs = model(**forward_inputs, **({"logits_to_keep": 1} if fused else {}))
+        teacher_features: dict[str, torch.Tensor] = {}
+        if lm_kd or self.visual_kd.active:
+            teacher_inputs = {k: v for k, v in inputs["teacher_model_inputs"].items() if k != "labels"}
+            teacher_features = self._run_teacher_forward(model, teacher_inputs, need_lm=lm_kd, fused=fused)
+
+        if fused:
+            terms = self._fused_terms(model, student_features, teacher_features, labels, window_tokens, lm_kd)
+        else:
+            terms = self._reference_terms(outputs, teacher_features, labels, window_tokens, lm_kd)
+        ce, jsd, correct = terms
+
+        loss = ce_weight * ce
+        micro_metrics = {"sft_loss": ce_weight * ce.detach()}
+        if lm_kd:
+            loss = loss + self.llm_kd_weight * jsd
+            micro_metrics["llm_kd_loss"] = self.llm_kd_weight * jsd.detach()
+        visual = self._visual_term(student_features, teacher_features, model_inputs, inputs)
+        if visual is not None:
+            visual_mean, window_share, micro_visual_tokens = visual
+            loss = loss + self.visual_kd.weight * visual_mean * window_share
+            self._record_value(
+                mode, "vision_kd_loss", self.visual_kd.weight * visual_mean, micro_visual_tokens
+            )
+        self._capture.clear()
+        self._record(mode, micro_metrics, micro_tokens, window_tokens, correct)
+        if return_outputs:
+            return loss, outputs
+        return loss
+
+    def _run_teacher_forward(self, model, teacher_inputs: dict, need_lm: bool, fused: bool) -> dict:
+        """Teacher pass under no autograd. Returns captured features (and ``logits`` when not fused).
+
+        The LM-head branch needs the teacher's language body; visual-only KD needs just the teacher's
+        vision tower, so that is all that runs then.
+        """
+        if self.teacher_model is not None:
+            teacher, adapter_off = self.teacher_model, contextlib.nullcontext()
+            grad_mode = torch.inference_mode()
+        else:  # base anchor: the student's own weights with the LoRA adapter switched off
+            teacher = model
+            adapter_off = self.accelerator.unwrap_model(model).disable_adapter()
+            grad_mode = torch.no_grad()
+        with (
+            grad_mode,
+            adapter_off,
+            disable_gradient_checkpointing(teacher, self.args.gradient_checkpointing_kwargs),
+            self._capture.role(TEACHER) as captured,
+        ):
+            if need_lm:
+                outputs = teacher(**teacher_inputs, **({"logits_to_keep": 1} if fused else {}))
+                if not fused:
+                    captured["logits"] = outputs.logits
+            else:
+                self._teacher_vision_forward(teacher, teacher_inputs)
+        # Tensors made under inference mode cannot enter autograd later: keep plain copies.
+        return {name: value.clone() for name, value in captured.items()}
+
+    def _teacher_vision_forward(self, teacher, teacher_inputs: dict) -> None:
+        body = find_language_body(self.accelerator.unwrap_model(teacher))
+        if teacher_inputs.get("pixel_values") is not None:
+            body.get_image_features(teacher_inputs["pixel_values"], teacher_inputs.get("image_grid_thw"))
+        if teacher_inputs.get("pixel_values_videos") is not None:
+            body.get_video_features(
+                teacher_inputs["pixel_values_videos"], teacher_inputs.get("video_grid_thw")
+            )
+
+    def _fused_terms(self, model, student_features, teacher_features, labels, window_tokens, lm_kd):
+        student_model = self.accelerator.unwrap_model(model)
+        weight, bias = lm_head_weight(find_lm_head(student_model))
+        teacher_weight = teacher_bias = None
+        if lm_kd:
+            teacher_model = self.teacher_model if self.teacher_model is not None else student_model
+            teacher_head = find_lm_head(self.accelerator.unwrap_model(teacher_model))
+            teacher_weight, teacher_bias = lm_head_weight(teacher_head, use_base=self.teacher_model is None)
+        result = fused_ce_jsd(
+            student_features[BODY],
+            weight,
+            labels,
+            teacher_features.get(BODY) if lm_kd else None,
+            teacher_weight,
+            beta=self.beta,
+            temperature=self.temperature,
+            chunk_size=self.kd_chunk_size,
+            num_items=window_tokens,
+            compute_ce=True,
+            compute_jsd=lm_kd,
+            student_lm_head_bias=bias,
+            teacher_lm_head_bias=teacher_bias,
+        )
+        return result.ce, result.jsd, int(result.correct_tokens)
+
+    def _reference_terms(self, outputs, teacher_features, labels, window_tokens, lm_kd):
+        logits = outputs.logits
+        ce = masked_ce(logits, labels, num_items=window_tokens)
+        if lm_kd:
+            jsd = generalized_jsd(
+                logits,
+                teacher_features["logits"],
+                labels,
+                self.beta,
+                self.temperature,
+                num_items=window_tokens,
+            )
+        else:
+            jsd = logits.new_zeros((), dtype=torch.float32)
+        valid = labels != IGNORE_INDEX
+        correct = int((logits.argmax(-1)[valid] == labels[valid]).sum())
+        return ce, jsd, correct
+
+    def _visual_term(self, student_features, teacher_features, model_inputs, inputs):
+        """(per-token mean distance, this micro-batch's share of the window's visual tokens, its tokens)."""
+        if not self.visual_kd.active:
+            return None
+        names = [name for name in student_features if name != BODY]
+        if not names:
+            return None  # a batch without images: nothing to anchor
+        missing = [name for name in names if name not in teacher_features]
+        if missing:
+            raise RuntimeError(f"teacher forward produced no features for {missing}")
+        term = visual_kd_loss(
+            [student_features[n] for n in names],
+            [teacher_features[n] for n in names],
+            self.visual_kd.distance,
+        )
+        micro = visual_tokens(model_inputs, self._spatial_merge_size())
+        window = max(int(inputs.get(_WINDOW_VISUAL_TOKENS, micro)), 1)
+        return term, micro / window, micro
+
+    # --- telemetry ----------------------------------------------------------------------------------
+
+    def _record(self, mode: str, micro_metrics: dict, micro_tokens: int, window_tokens: int, correct: int):
+        """Store per-micro-batch values; token terms are converted back to this micro-batch's mean."""
+        to_micro_mean = window_tokens / max(micro_tokens, 1)
+        for name, value in micro_metrics.items():
+            self._record_value(mode, name, float(value) * to_micro_mean, micro_tokens)
+        self._record_value(mode, "token_accuracy", correct / max(micro_tokens, 1), micro_tokens)
+        self._metrics[mode]["token_count"].append(float(micro_tokens))
+
+    def _record_value(self, mode: str, name: str, value, weight: int) -> None:
+        """Append one micro-batch value with its averaging weight; warn once per term and step on NaN/Inf."""
+        value = float(value)
+        step = int(self.state.global_step)
+        if not math.isfinite(value) and (name, step) not in self._warned_nonfinite:
+            self._warned_nonfinite.add((name, step))
+            logger.warning("non-finite %s (%s) at step %d", name, value, step)
+        self._metrics[mode][name].append(value)
+        self._metric_weights[mode][name].append(weight)
+
+    def reduce_metrics(self, mode: str) -> dict[str, float]:
+        """Token-weighted means since the last log, over accumulation steps and (under torchrun) ranks."""
+        sums = []
+        for name in METRIC_NAMES:
+            values, weights = self._metrics[mode].get(name, []), self._metric_weights[mode].get(name, [])
+            if name == "token_count":
+                sums += [sum(values), float(len(values))]
+            else:
+                sums += [sum(v * w for v, w in zip(values, weights, strict=True)), float(sum(weights))]
+        totals = torch.tensor(sums, dtype=torch.float64, device=self.accelerator.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        reduced = {}
+        for index, name in enumerate(METRIC_NAMES):
+            total, weight = totals[2 * index].item(), totals[2 * index + 1].item()
+            if weight > 0:
+                reduced[name] = total if name == "token_count" else total / weight
+        self._metrics[mode].clear()
+        self._metric_weights[mode].clear()
+        return reduced
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, value in self.reduce_metrics(mode).items():
+            key = name if name.startswith(prefix) else prefix + name
+            logs[key] = value
+        super().log(logs, start_time)
