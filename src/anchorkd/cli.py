@@ -91,6 +91,35 @@ def _cmd_make_synthetic_data(ns) -> int:
     return 0
 
 
+def _cmd_report(ns) -> int:
+    from .eval.telemetry_report import make_telemetry_report
+
+    summary = make_telemetry_report(ns.run_dir, ns.out, alert_config=_run_monitor_config(ns.run_dir))
+    for path in summary["files"]:
+        print(f"wrote {path}")
+    print(
+        f"{summary['records']} log records, last step {summary['last_step']}, {len(summary['alerts'])} alert(s)"
+    )
+    for alert in summary["alerts"]:
+        print(f"  step {alert['step']}: {alert['message']}")
+    return 0
+
+
+def _run_monitor_config(run_dir: str):
+    """The run's own ``custom.monitor`` thresholds, when its resolved config is there."""
+    from pathlib import Path
+
+    from .config.loader import RESOLVED_CONFIG_NAME
+    from .config.schema import MonitorConfig
+    from .config.yaml_io import read_yaml_mapping
+
+    resolved = Path(run_dir) / RESOLVED_CONFIG_NAME
+    if not resolved.is_file():
+        return None
+    monitor = (read_yaml_mapping(resolved).get("custom") or {}).get("monitor") or {}
+    return MonitorConfig.model_validate(monitor)
+
+
 def _cmd_prepare_demo(ns) -> int:
     from .demo_assets import prepare_demo_assets
 
@@ -129,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     data.add_argument("--overwrite", action="store_true")
     data.set_defaults(handler=_cmd_make_synthetic_data)
+
+    report = sub.add_parser("report", help="plot a run's logging.jsonl and list its alerts")
+    report.add_argument("run_dir", help="training output dir (or its logging.jsonl)")
+    report.add_argument("--out", default=None, help="where to write (default: the run dir)")
+    report.set_defaults(handler=_cmd_report)
 
     demo_assets = sub.add_parser("prepare-demo", help="build (or reuse) the tiny model and synthetic data")
     demo_assets.add_argument("--root", default="outputs/demo")

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..eval.alerts import AlertConfig
 from .errors import ConfigError, ConfigErrors
 
 
@@ -71,16 +72,11 @@ class VisualKDConfig(StrictModel):
         return self.enabled and self.weight > 0
 
 
-class MonitorConfig(StrictModel):
-    """Thresholds of the live training alerts (``alerts.jsonl``)."""
+class MonitorConfig(AlertConfig):
+    """``custom.monitor``: the live training alerts (written to ``alerts.jsonl``); thresholds as in
+    :class:`anchorkd.eval.alerts.AlertConfig`."""
 
     enabled: bool = True
-    kd_spike_factor: Annotated[float, Field(gt=1.0)] = 3.0
-    kd_spike_window: Annotated[int, Field(ge=2)] = 20
-    kd_spike_min_history: Annotated[int, Field(ge=1)] = 5
-    sft_regression_window: Annotated[int, Field(ge=2)] = 20
-    sft_regression_tolerance: Annotated[float, Field(ge=0.0)] = 0.10
-    nonfinite: bool = True
 
 
 class CustomConfig(StrictModel):

@@ -49,17 +49,15 @@ def _pipeline_classes():
                 template=self.template,
                 train_dataset=train_dataset,
                 eval_dataset=val_dataset,
-                **self._trainer_kwargs_for(trainer_cls),
+                **self._get_trainer_kwargs(),
             )
+            monitor = getattr(getattr(args, "anchorkd_custom", None), "monitor", None)
+            if monitor is not None and monitor.enabled:
+                from .callbacks import AlertCallback
+
+                trainer.add_callback(AlertCallback(monitor, args.output_dir))
             self.trainer = trainer
             return self.train(trainer)
-
-        def _trainer_kwargs_for(self, trainer_cls):
-            kwargs = self._get_trainer_kwargs()
-            extra = getattr(trainer_cls, "anchorkd_extra_kwargs", None)
-            if extra is not None:
-                kwargs.update(extra(self))
-            return kwargs
 
     class AnchorSft(_AnchorRunMixin, SwiftSft):
         pass
