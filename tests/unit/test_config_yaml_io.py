@@ -14,6 +14,7 @@ from anchorkd.config.yaml_io import (
     load_yaml_with_extends,
     parse_override,
     read_yaml_mapping,
+    resolve_references,
 )
 
 
@@ -271,3 +272,69 @@ def test_override_through_a_non_mapping_names_the_path():
         apply_overrides(config, ["model.model.revision=main"])
     assert info.value.key_path == "model.model"
     assert "cannot set model.model.revision: model.model is not a mapping" in str(info.value)
+
+
+# --- YAML 1.2 booleans ------------------------------------------------------------------------------------
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    # YAML 1.1 (PyYAML's default) turns no/yes/on/off into booleans; ms-swift wants eval_strategy "no".
+    assert yaml.safe_load("eval_strategy: no") == {"eval_strategy": False}
+    path = write(
+        tmp_path / "run.yaml", "training:\n  eval_strategy: no\n  a: yes\n  b: off\n  c: true\n  d: False\n"
+    )
+    assert read_yaml_mapping(path)["training"] == {
+        "eval_strategy": "no",
+        "a": "yes",
+        "b": "off",
+        "c": True,
+        "d": False,
+    }
+    assert parse_override("training.eval_strategy=no") == (["training", "eval_strategy"], "no")
+    assert parse_override("training.gradient_checkpointing=true") == (
+        ["training", "gradient_checkpointing"],
+        True,
+    )
+
+
+# --- ${section.key} references -----------------------------------------------------------------------------
+
+
+def test_reference_takes_the_value_at_that_path():
+    config = {
+        "model": {"model": "/models/base"},
+        "rlhf": {"teacher_model": "${model.model}"},
+        "data": {"dataset": ["${model.model}"]},
+    }
+    resolved = resolve_references(config)
+    assert resolved["rlhf"]["teacher_model"] == "/models/base"
+    assert resolved["data"]["dataset"] == ["/models/base"]
+    assert config["rlhf"]["teacher_model"] == "${model.model}"  # the input is not modified
+
+
+def test_reference_follows_overrides_and_overlays(tmp_path):
+    write(
+        tmp_path / "base.yaml", {"model": {"model": "/models/a"}, "rlhf": {"teacher_model": "${model.model}"}}
+    )
+    child = write(tmp_path / "run.yaml", {"extends": "base.yaml", "model": {"model": "/models/b"}})
+    merged, _ = load_yaml_with_extends(child)
+    assert resolve_references(merged)["rlhf"]["teacher_model"] == "/models/b"
+    overridden = apply_overrides(merged, ["model.model=/models/c"])
+    assert resolve_references(overridden)["rlhf"]["teacher_model"] == "/models/c"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("${model.revision}", "${model.revision} refers to a key that is not set"),
+        ("${rlhf.other}", "${rlhf.other} refers to another reference (${model.model}); give a value"),
+        ("${model}", "malformed reference '${model}'"),
+        ("${ model.model }", "malformed reference '${ model.model }'"),
+    ],
+)
+def test_bad_reference_names_the_key_that_holds_it(value, expected):
+    config = {"model": {"model": "/m"}, "rlhf": {"other": "${model.model}", "teacher_model": value}}
+    with pytest.raises(ConfigError) as info:
+        resolve_references(config)
+    assert info.value.key_path == "rlhf.teacher_model"
+    assert expected in str(info.value)

@@ -33,7 +33,7 @@ logger = logging.getLogger("anchorkd")
 RESOLVED_CONFIG_NAME = "anchorkd_config.yaml"
 # Environment variables ms-swift's argument constructors set from the output dir.
 _ENV_SET_BY_SWIFT_ARGS = ("TENSORBOARD_LOGGING_DIR",)
-RunMode = Literal["sft", "gkd"]
+RunMode = Literal["sft", "gkd", "rlhf"]
 
 
 @dataclasses.dataclass
@@ -129,9 +129,14 @@ class ConfigLoader:
         (``anchorkd validate``), so validation never writes into the user's output dir.
         """
         config = cls.resolve(path, overrides, check_files=check_files)
+        return LoadedConfig(config, cls.build_train_args(config, create_output_dir=create_output_dir))
+
+    @classmethod
+    def build_train_args(cls, config: ResolvedConfig, *, create_output_dir: bool = True):
+        """Step 5 alone: the ms-swift argument object for an already resolved config."""
         kwargs = config.swift_kwargs()
         _apply_offline_defaults(config, kwargs)
-        args_cls = _args_cls(config.mode == "gkd")
+        args_cls = _args_cls(config.mode != "sft")
         if not create_output_dir:
             # ms-swift also exports the log dir (TENSORBOARD_LOGGING_DIR, set only when unset): do not let
             # a validation leave it pointing into the throwaway dir for a later run in this process.
@@ -149,7 +154,7 @@ class ConfigLoader:
             train_args = _construct(args_cls, kwargs)
         _settle_teacher_mode(train_args, config)
         _attach_knobs(train_args, config)
-        return LoadedConfig(config, train_args)
+        return train_args
 
     @staticmethod
     def write_resolved(config: ResolvedConfig, output_dir: str | Path) -> Path:
@@ -282,7 +287,8 @@ def _rule_choose_run_mode(config: ResolvedConfig, source: str) -> None:
     """GKD with every KD weight at 0 is plain SFT: no teacher is loaded, CE has weight 1."""
     rlhf = config.sections["rlhf"]
     if rlhf.get("rlhf_type") != "gkd":
-        config.mode = "gkd" if rlhf.get("rlhf_type") else "sft"
+        # Other ms-swift RLHF types (dpo, grpo, ...) run through ms-swift's own trainers unchanged.
+        config.mode = "rlhf" if rlhf.get("rlhf_type") else "sft"
         return
     if config.llm_kd_weight > 0 or config.custom.visual_kd.active:
         config.mode = "gkd"
@@ -319,7 +325,17 @@ def is_local_reference(value: str) -> bool:
 
 
 def _check_checkpoint(key_path: str, value: str | None) -> None:
-    if not value or not is_local_reference(value):
+    if not value:
+        return
+    if not is_local_reference(value):
+        from ..offline import network_allowed
+
+        if not network_allowed():
+            raise ConfigError(
+                key_path,
+                f"{value!r} is not a local path, and anchorkd runs offline by default: download the "
+                "checkpoint and give its folder, or set ANCHORKD_ALLOW_NETWORK=1 to let ms-swift fetch it",
+            )
         return
     path = Path(value).expanduser()
     if not path.is_dir():

@@ -26,7 +26,6 @@ import yaml
 from .errors import ConfigError
 
 
-# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; users mean a number.
 class _Yaml12BoolLoader(yaml.SafeLoader):
     """SafeLoader where only true/false are booleans (YAML 1.2), so ``eval_strategy: no`` stays "no"."""
 
@@ -45,6 +44,7 @@ def load_yaml_text(text: str):
 
 
 _REFERENCE = re.compile(r"^\$\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+)\}$")
+# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; users mean a number.
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -176,6 +176,10 @@ def resolve_references(config: dict) -> dict:
             return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
         if isinstance(node, str) and (match := _REFERENCE.match(node)):
             return lookup(match.group(1), where)
+        if isinstance(node, str) and node.startswith("${") and node.endswith("}"):
+            # A typo here (``${model.model }``, ``${model}``) would otherwise pass on as a literal string
+            # and surface much later, e.g. as a hub id that cannot be downloaded.
+            raise ConfigError(where, f"malformed reference {node!r}: write ${{section.key}}")
         return node
 
     return walk(config, "")

@@ -180,6 +180,8 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, sizes: TinyQwen3VLSizes 
             "parameters": sum(p.numel() for p in model.parameters()),
         }
         (staging / "anchorkd_tiny.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for path in staging.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; a checkpoint is shared like any other file
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

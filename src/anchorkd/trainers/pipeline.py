@@ -27,6 +27,36 @@ def resolve_trainer_cls(train_args):
     return TrainerFactory.get_trainer_cls(train_args)
 
 
+def build_trainer(pipeline, train_dataset, val_dataset):
+    """The trainer ``run`` trains with, on ``pipeline``'s model, template and prepared data sets.
+
+    ms-swift prepares the model (LoRA, freezing) as ``SwiftSft.run`` does; the class comes from
+    ``resolve_trainer_cls``. Tests build trainers through this function too, so they exercise exactly
+    what a run uses. Sets and returns ``pipeline.trainer``.
+    """
+    args = pipeline.args
+    pipeline.model = pipeline.prepare_model(
+        args, pipeline.model, template=pipeline.template, train_dataset=train_dataset
+    )
+    trainer_cls = resolve_trainer_cls(args)
+    logger.info("trainer: %s.%s", trainer_cls.__module__, trainer_cls.__qualname__)
+    trainer = trainer_cls(
+        model=pipeline.model,
+        args=args.training_args,
+        template=pipeline.template,
+        train_dataset=train_dataset,
+        eval_dataset=val_dataset,
+        **pipeline._get_trainer_kwargs(),
+    )
+    monitor = getattr(getattr(args, "anchorkd_custom", None), "monitor", None)
+    if monitor is not None and monitor.enabled:
+        from .callbacks import AlertCallback
+
+        trainer.add_callback(AlertCallback(monitor, args.output_dir))
+    pipeline.trainer = trainer
+    return trainer
+
+
 def _pipeline_classes():
     from swift.pipelines.train.rlhf import SwiftRLHF
     from swift.pipelines.train.sft import SwiftSft
@@ -38,26 +68,7 @@ def _pipeline_classes():
             args = self.args
             train_dataset, val_dataset = self._prepare_dataset()
             args.save_args()
-            self.model = self.prepare_model(
-                args, self.model, template=self.template, train_dataset=train_dataset
-            )
-            trainer_cls = resolve_trainer_cls(args)
-            logger.info("trainer: %s.%s", trainer_cls.__module__, trainer_cls.__qualname__)
-            trainer = trainer_cls(
-                model=self.model,
-                args=args.training_args,
-                template=self.template,
-                train_dataset=train_dataset,
-                eval_dataset=val_dataset,
-                **self._get_trainer_kwargs(),
-            )
-            monitor = getattr(getattr(args, "anchorkd_custom", None), "monitor", None)
-            if monitor is not None and monitor.enabled:
-                from .callbacks import AlertCallback
-
-                trainer.add_callback(AlertCallback(monitor, args.output_dir))
-            self.trainer = trainer
-            return self.train(trainer)
+            return self.train(build_trainer(self, train_dataset, val_dataset))
 
     class AnchorSft(_AnchorRunMixin, SwiftSft):
         pass
@@ -80,12 +91,12 @@ def run_training(config_path: str | Path, overrides=()) -> dict:
     from ..config import ConfigLoader
     from .preflight import run_preflight
 
-    loaded = ConfigLoader.load_training_config(config_path, overrides)
-    train_args = loaded.train_args
+    config = ConfigLoader.resolve(config_path, overrides)
+    if config.mode == "gkd":
+        run_preflight(config)  # before anything is written
+    train_args = ConfigLoader.build_train_args(config)
     output_dir = Path(train_args.output_dir)
-    ConfigLoader.write_resolved(loaded.config, output_dir)
-    if loaded.config.mode == "gkd":
-        run_preflight(loaded.config)
+    ConfigLoader.write_resolved(config, output_dir)
     pipeline = build_pipeline(train_args)
     result = pipeline.main()
     trainer = getattr(pipeline, "trainer", None)
@@ -94,6 +105,6 @@ def run_training(config_path: str | Path, overrides=()) -> dict:
         "logging_jsonl": str(output_dir / "logging.jsonl"),
         "last_checkpoint": (result or {}).get("last_model_checkpoint") if isinstance(result, dict) else None,
         "global_step": getattr(getattr(trainer, "state", None), "global_step", None),
-        "mode": loaded.config.mode,
+        "mode": config.mode,
     }
     return summary

@@ -1,0 +1,143 @@
+"""Every config shipped under configs/ resolves, and says in its header how to run it.
+
+The list is a glob, so a config added later is tested without touching this file. ``configs/lexicons/``
+holds another format (eval lexicons), and files named ``_*.yaml`` are partial overlays that other
+configs extend.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anchorkd.cli import build_parser
+from anchorkd.config import ConfigLoader
+from anchorkd.config.yaml_io import parse_override
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS_DIR = REPO_ROOT / "configs"
+DEMO_DIR = CONFIGS_DIR / "demo"
+TB_ENV = "TENSORBOARD_LOGGING_DIR"
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(
+        p
+        for p in CONFIGS_DIR.rglob("*.yaml")
+        if "lexicons" not in p.relative_to(CONFIGS_DIR).parts and not p.name.startswith("_")
+    )
+
+
+SHIPPED = shipped_configs()
+STAGE = [p for p in SHIPPED if DEMO_DIR not in p.parents]
+DEMO = [p for p in SHIPPED if DEMO_DIR in p.parents]
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT))
+
+
+@pytest.fixture(autouse=True)
+def clean_tb_env():
+    saved = os.environ.pop(TB_ENV, None)
+    yield
+    if saved is None:
+        os.environ.pop(TB_ENV, None)
+    else:
+        os.environ[TB_ENV] = saved
+
+
+def header_lines(path: Path) -> list[str]:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return lines
+
+
+def run_command(path: Path) -> list[str]:
+    """The ``anchorkd ...`` command in the header that names this config (continuation lines joined)."""
+    logical, pending = [], ""
+    for line in header_lines(path):
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+        else:
+            logical.append(pending + line)
+            pending = ""
+    for line in logical:
+        for segment in line.split("&&"):
+            at = segment.find(rel(path))
+            start = segment.rfind("anchorkd ", 0, max(at, 0))
+            if at >= 0 and start >= 0:
+                return shlex.split(segment[start:])
+    raise AssertionError(f"{rel(path)}: no header line runs 'anchorkd ... {rel(path)}'")
+
+
+def test_the_glob_finds_the_shipped_configs():
+    names = {rel(p) for p in SHIPPED}
+    assert {"configs/stage_2_llm_lora.yaml", "configs/stage_3_vision_llm.yaml"} <= names
+    assert {"configs/demo/stage_2_llm_lora.yaml", "configs/demo/stage_3_vision_llm.yaml"} <= names
+    assert not any("lexicons" in n or Path(n).name.startswith("_") for n in names)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=rel)
+def test_header_says_how_to_run_it(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{rel(path)}: the first line must be a comment saying what the config is"
+    assert any("anchorkd " in line and rel(path) in line for line in header_lines(path))
+    argv = run_command(path)
+    assert argv[0] == "anchorkd"
+    ns = build_parser().parse_args(argv[1:])
+    assert ns.command in {"train", "validate"}
+    assert ns.config == rel(path)
+
+
+@pytest.mark.parametrize("path", STAGE, ids=rel)
+def test_stage_config_resolves(path):
+    config = ConfigLoader.resolve(path, check_files=False)
+    assert config.sections["model"]["model"]
+    assert config.sections["data"]["dataset"]
+    assert config.sources[-1] == path.resolve()
+    # The overrides given in the header's command are valid too.
+    ns = build_parser().parse_args(run_command(path)[1:])
+    with_overrides = ConfigLoader.resolve(path, ns.overrides, check_files=False)
+    assert with_overrides.mode == config.mode
+    for text in ns.overrides:
+        (section, key), value = parse_override(text)
+        assert with_overrides.sections[section][key] == value
+
+
+@pytest.mark.parametrize("path", DEMO, ids=rel)
+def test_demo_config_loads_on_the_tiny_model(path, in_demo_workdir):
+    runs = in_demo_workdir / "outputs" / "demo" / "runs"
+    before = sorted(runs.rglob("*")) if runs.exists() else None
+    config, train_args = ConfigLoader.load_training_config(path, create_output_dir=False)
+    assert config.sections["model"]["model"] == "./outputs/demo/tiny-qwen3-vl"
+    assert type(train_args).__name__ == ("RLHFArguments" if config.mode == "gkd" else "SftArguments")
+    assert train_args.llm_kd_weight == config.llm_kd_weight
+    assert (sorted(runs.rglob("*")) if runs.exists() else None) == before  # nothing written
+
+
+@pytest.mark.parametrize("path", DEMO, ids=rel)
+def test_demo_configs_extend_the_tiny_overlay(path):
+    extends = yaml.safe_load(path.read_text())["extends"]
+    extends = [extends] if isinstance(extends, str) else extends
+    assert "_tiny.yaml" in extends
+    config = ConfigLoader.resolve(path, check_files=False)
+    assert (DEMO_DIR / "_tiny.yaml").resolve() in config.sources
+    tiny = yaml.safe_load((DEMO_DIR / "_tiny.yaml").read_text())
+    for section, values in tiny.items():
+        for key, value in values.items():
+            assert config.sections[section][key] == value, f"{section}.{key} not taken from _tiny.yaml"
+
+
+def test_every_overlay_is_extended_by_some_config():
+    overlays = sorted(p for p in CONFIGS_DIR.rglob("_*.yaml") if "lexicons" not in p.parts)
+    assert DEMO_DIR / "_tiny.yaml" in overlays
+    used = {src for p in SHIPPED for src in ConfigLoader.resolve(p, check_files=False).sources}
+    assert [p for p in overlays if p.resolve() not in used] == []
