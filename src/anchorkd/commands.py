@@ -6,3 +6,4 @@ Each registrar takes argparse's sub-parser collection and adds its commands; ``c
 from __future__ import annotations
 
 REGISTRARS: list = []
+REGISTRARS.append(__import__("anchorkd.eval.cli", fromlist=["register"]).register)

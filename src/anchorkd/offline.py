@@ -17,7 +17,13 @@ def network_allowed() -> bool:
 
 
 def configure_network() -> bool:
-    """Set the hub libraries offline unless ``ANCHORKD_ALLOW_NETWORK=1``. Returns whether offline."""
+    """Set the hub libraries offline unless ``ANCHORKD_ALLOW_NETWORK=1``. Returns whether offline.
+
+    Also makes idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``, unless set):
+    with spinning, two processes sharing a few CPU cores (a dataloader beside the trainer, a test run
+    beside a benchmark) slowed small matrix products about tenfold here. Read when torch loads.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if network_allowed():
         return False
     for name in OFFLINE_VARIABLES:

@@ -1,0 +1,331 @@
+"""Greedy captions for evaluation records, produced exactly the way the model was trained to read them.
+
+A fine-tuned Qwen3-VL only behaves as trained when its prompts are rendered by the same chat template
+(system prompt, image placeholders, pixel budget) that ms-swift used for training. So we do not build
+prompts ourselves: generation goes through ms-swift's own ``TransformersEngine``, which picks the
+template of the model type and, when the checkpoint or adapter folder holds ms-swift's ``args.json``,
+the template settings of that training run.
+
+Outputs of :func:`generate_captions` in ``out_dir``:
+
+* ``generations.jsonl`` -- one line per sample: ``id, source, line, scene, style, prompt, images,
+  caption, reference, objects, finish_reason, generated_tokens``. Lines are written to a hidden
+  ``.generations.jsonl.partial`` as batches finish and the file is renamed into place only at the end,
+  so ``generations.jsonl`` is never half-written (a crashed run leaves only the partial file).
+* ``generation_settings.json`` -- model, adapter, data files with SHA-256, decoding settings, speed,
+  library versions and git revision (:mod:`anchorkd.eval.provenance`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anchorkd.config.errors import ConfigError, DataError
+from anchorkd.eval.provenance import describe_file, run_provenance
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_TYPE = "qwen3_vl"
+"""ms-swift model type: cannot be inferred from a Qwen3-VL folder (qwen3_vl / _emb / _reranker match)."""
+
+GENERATIONS_FILE = "generations.jsonl"
+SETTINGS_FILE = "generation_settings.json"
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: checkpoints and data files
+# --------------------------------------------------------------------------------------------------
+
+
+def require_checkpoint(path: str | Path, option: str = "--model") -> Path:
+    """A local model checkpoint folder (with ``config.json``); ConfigError naming ``option`` otherwise.
+
+    Evaluation runs offline, so a hub model id is not accepted: it would only fail later, less clearly.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(option, f"checkpoint not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(option, f"not a model checkpoint (no config.json): {folder}")
+    return folder.resolve()
+
+
+def require_adapter(path: str | Path, option: str = "--adapter") -> Path:
+    """A LoRA adapter folder (with ``adapter_config.json``); ConfigError naming ``option`` otherwise."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(option, f"adapter not found: {folder}")
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(option, f"not a LoRA adapter (no adapter_config.json): {folder}")
+    return folder.resolve()
+
+
+def read_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, record)`` of an ms-swift JSONL file after checking every line and image.
+
+    The whole file is validated before the first record is returned (anchorkd's training-data
+    checks), so a bad line fails the run before any model time is spent, with ``file:line``.
+    """
+    from anchorkd.data.validate import validate_jsonl
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(str(path), "data file not found")
+    validate_jsonl(path)
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if line.strip():
+                yield line_no, json.loads(line)
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One evaluation record split into what the model sees (prompt) and what it should say."""
+
+    id: str
+    source: str
+    line: int
+    scene: str | None
+    style: str | None
+    prompt_messages: list[dict[str, Any]]
+    images: list[Any]
+    reference: str
+    objects: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> Any:
+        """The last user turn's content: the instruction that the caption answers."""
+        return next(m["content"] for m in reversed(self.prompt_messages) if m["role"] == "user")
+
+    def generation_record(self, caption: str, finish_reason: str | None, generated_tokens: int) -> dict:
+        return {
+            "id": self.id,
+            "source": self.source,
+            "line": self.line,
+            "scene": self.scene,
+            "style": self.style,
+            "prompt": self.prompt,
+            "images": self.images,
+            "caption": caption,
+            "reference": self.reference,
+            "objects": self.objects,
+            "finish_reason": finish_reason,
+            "generated_tokens": generated_tokens,
+        }
+
+
+def _sample_from_record(record: dict[str, Any], path: Path, line_no: int) -> EvalSample:
+    """Prompt = every turn before the final assistant turn; reference = that turn ("" if none)."""
+    messages = record["messages"]
+    reference = ""
+    if messages[-1]["role"] == "assistant":
+        reference = messages[-1]["content"]
+        messages = messages[:-1]
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(str(path), "record has no user turn to answer", line_no)
+    meta = record.get("meta") or {}
+    images = record.get("images") or []
+    return EvalSample(
+        id=str(meta.get("id", f"{path.stem}:{line_no}")),
+        source=str(path),
+        line=line_no,
+        scene=meta.get("scene"),
+        style=meta.get("style"),
+        prompt_messages=messages,
+        images=[images] if isinstance(images, str) else list(images),
+        reference=reference if isinstance(reference, str) else json.dumps(reference),
+        objects=list(meta.get("objects") or []),
+    )
+
+
+def read_eval_samples(path: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """The first ``limit`` (default: all) samples of an evaluation JSONL file."""
+    path = Path(path).expanduser().resolve()
+    samples = []
+    for line_no, record in read_jsonl_records(path):
+        if limit is not None and len(samples) >= limit:
+            break
+        samples.append(_sample_from_record(record, path, line_no))
+    return samples
+
+
+# --------------------------------------------------------------------------------------------------
+# Model loading (once, reused for every data file and for the text perplexity)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """An ms-swift inference engine with its checkpoint (and optional adapter) applied."""
+
+    engine: Any  # swift.infer_engine.TransformersEngine (imported lazily: loading ms-swift takes seconds)
+    model: Path
+    adapter: Path | None
+    model_type: str
+
+    def describe(self) -> dict[str, Any]:
+        model = self.engine.model
+        return {
+            "model": str(self.model),
+            "adapter": str(self.adapter) if self.adapter else None,
+            "model_type": self.model_type,
+            "template": self.engine.template.template_meta.template_type,
+            "dtype": str(getattr(model, "dtype", None)).removeprefix("torch."),
+            "device": str(getattr(model, "device", None)),
+        }
+
+
+def load_model(
+    model: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    torch_dtype: str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint through ms-swift (its model loader, template and LoRA loading).
+
+    ``torch_dtype`` is one of TORCH_DTYPES or None for the checkpoint's own dtype.
+    """
+    model_dir = require_checkpoint(model, "--model")
+    adapter_dir = require_adapter(adapter, "--adapter") if adapter is not None else None
+    if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
+        raise ConfigError("--torch-dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
+
+    import torch
+    from swift.infer_engine import TransformersEngine
+
+    engine = TransformersEngine(
+        str(model_dir),
+        adapters=[str(adapter_dir)] if adapter_dir else None,
+        model_type=model_type,
+        torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
+        max_batch_size=0,  # callers hand over one batch at a time
+    )
+    engine.model.eval()
+    return LoadedModel(engine=engine, model=model_dir, adapter=adapter_dir, model_type=model_type)
+
+
+def as_loaded_model(
+    model: str | Path | LoadedModel, adapter: str | Path | None = None, **load_options: Any
+) -> LoadedModel:
+    """``model`` if it is already loaded (then ``adapter`` must be None: it is applied), else load it."""
+    if isinstance(model, LoadedModel):
+        if adapter is not None:
+            raise ConfigError("--adapter", "the model is already loaded; pass the adapter to load_model")
+        return model
+    return load_model(model, adapter, **load_options)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def _batches(items: Sequence[EvalSample], size: int) -> Iterator[Sequence[EvalSample]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _generate_batch(loaded: LoadedModel, batch: Sequence[EvalSample], request_config: Any) -> list[dict]:
+    from swift.infer_engine import InferRequest
+
+    requests = [InferRequest(messages=s.prompt_messages, images=s.images) for s in batch]
+    responses = loaded.engine.infer(requests, request_config, use_tqdm=False)
+    records = []
+    for sample, response in zip(batch, responses, strict=True):
+        if isinstance(response, Exception):
+            raise DataError(sample.source, f"generation failed: {response}", sample.line)
+        choice = response.choices[0]
+        records.append(
+            sample.generation_record(
+                caption=choice.message.content or "",
+                finish_reason=choice.finish_reason,
+                generated_tokens=response.usage.completion_tokens,
+            )
+        )
+    return records
+
+
+def generate_captions(
+    model: str | Path | LoadedModel,
+    adapter: str | Path | None,
+    data_files: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    limit: int | None = None,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    torch_dtype: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Greedy-decode a caption for every record of ``data_files``; return ``out_dir/generations.jsonl``.
+
+    ``model`` is a checkpoint folder or a :class:`LoadedModel` (to reuse one engine across calls).
+    ``limit`` caps the samples taken from *each* file (the first N), so a quick run still covers every
+    scene kind. Decoding is greedy with no repetition penalty, whatever the checkpoint's
+    ``generation_config`` suggests, so runs differ only by their weights.
+    """
+    if batch_size < 1:
+        raise ConfigError("--batch-size", f"must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens", f"must be at least 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit", f"must be at least 1, got {limit}")
+    if not data_files:
+        raise ConfigError("--data", "no evaluation data file given")
+    samples_by_file = {Path(f).expanduser().resolve(): read_eval_samples(f, limit) for f in data_files}
+    loaded = as_loaded_model(model, adapter, model_type=model_type, torch_dtype=torch_dtype)
+
+    from swift.infer_engine import RequestConfig
+    from tqdm import tqdm
+
+    request_config = RequestConfig(max_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final_path = out_dir / GENERATIONS_FILE
+    partial_path = out_dir / f".{GENERATIONS_FILE}.partial"
+    total = sum(len(samples) for samples in samples_by_file.values())
+    started = time.perf_counter()
+    with (
+        partial_path.open("w", encoding="utf-8") as handle,
+        tqdm(total=total, desc="generate", unit="sample", disable=not show_progress) as progress,
+    ):
+        for samples in samples_by_file.values():
+            for batch in _batches(samples, batch_size):
+                for record in _generate_batch(loaded, batch, request_config):
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                progress.update(len(batch))
+        handle.flush()
+        os.fsync(handle.fileno())
+    elapsed = time.perf_counter() - started
+    os.replace(partial_path, final_path)
+
+    settings = {
+        **loaded.describe(),
+        "data_files": [describe_file(path) | {"samples": len(s)} for path, s in samples_by_file.items()],
+        "limit_per_file": limit,
+        "samples": total,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+        "greedy": True,
+        "repetition_penalty": 1.0,
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(total / elapsed, 4) if elapsed > 0 else None,
+        **run_provenance(),
+    }
+    from anchorkd.eval.report import atomic_write_text
+
+    atomic_write_text(out_dir / SETTINGS_FILE, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    logger.info("%d captions in %.1f s (%.2f samples/s) -> %s", total, elapsed, total / elapsed, final_path)
+    return final_path

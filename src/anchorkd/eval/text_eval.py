@@ -1,0 +1,281 @@
+"""Text fluency: per-token perplexity of the assistant turns of text-only chat, and its change vs base.
+
+Fine-tuning on captions can erode the language model underneath; the validation plan allows at most a
+5 % perplexity regression on a text-only sanity set. Perplexity is measured on exactly the tokens that
+training puts a loss on: records are encoded by ms-swift's template in training mode, whose labels
+mask the system prompt, the user turns and the chat scaffolding, and keep the assistant tokens
+(including their end-of-turn token). Then
+
+    nll = sum of -log p(token) over every assistant token of the file / number of those tokens
+    ppl = exp(nll)
+
+i.e. one micro-average over the file, so long answers weigh by their length, as in training. The
+change vs a base model is ``100 * (ppl - base_ppl) / base_ppl`` (positive = worse); the ``eval text``
+command exits with :data:`EXIT_TEXT_REGRESSION` when it exceeds the allowed percentage, so it can gate a
+pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anchorkd.config.errors import ConfigError, DataError
+from anchorkd.eval.generate import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model, read_jsonl_records
+from anchorkd.eval.provenance import describe_file, run_provenance
+
+logger = logging.getLogger(__name__)
+
+EXIT_TEXT_REGRESSION = 3
+"""Exit status of ``anchorkd eval text`` when perplexity rose by more than ``--max-regression-pct``."""
+
+TEXT_EVAL_FILE = "text_eval.json"
+DEFAULT_MAX_REGRESSION_PCT = 5.0
+IGNORE_INDEX = -100  # ms-swift's label for tokens without a loss
+
+
+def _encode(template: Any, record: dict[str, Any], path: Path, line_no: int) -> dict[str, Any]:
+    try:
+        encoded = template.encode({"messages": record["messages"], "images": record.get("images") or []})
+    except Exception as error:  # ms-swift raises plain exceptions (e.g. MaxLengthError) for bad records
+        raise DataError(
+            str(path), f"cannot encode the record with the model's template: {error}", line_no
+        ) from None
+    if not any(label != IGNORE_INDEX for label in encoded.get("labels") or []):
+        raise DataError(str(path), "record has no assistant tokens to score", line_no)
+    return encoded
+
+
+def _batch_token_nll(loaded: LoadedModel, encoded: Sequence[dict[str, Any]]) -> tuple[list[float], list[int]]:
+    """Summed NLL and token count of the assistant tokens of each encoded record of one batch."""
+    import torch
+    import torch.nn.functional as F
+    from swift.utils import to_device
+
+    engine = loaded.engine
+    model, template = engine.model, engine.template
+    batch = template.data_collator(list(encoded))
+    labels = batch.pop("labels")
+    batch.pop("loss_scale", None)
+    batch = to_device(batch, model.device)
+    # The same hook that turns input ids (and pixels) into the model's inputs during training.
+    _, inputs = template.pre_forward_hook(model, None, batch)
+    logits = model(**inputs).logits
+    # Token t is predicted from positions < t: compare logits[:, t - 1] with labels[:, t].
+    targets = labels[:, 1:].to(logits.device)
+    scored = targets != IGNORE_INDEX
+    token_nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+    rows = scored.nonzero()[:, 0]
+    sums = torch.zeros(len(encoded), dtype=torch.float64, device=logits.device)
+    sums.index_add_(0, rows, token_nll.double())
+    return sums.tolist(), scored.sum(dim=1).tolist()
+
+
+def text_perplexity(
+    model: str | Path | LoadedModel,
+    adapter: str | Path | None,
+    data_file: str | Path,
+    batch_size: int = 8,
+    *,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    torch_dtype: str | None = None,
+) -> dict[str, Any]:
+    """Per-token perplexity of ``model`` (+ ``adapter``) over the assistant turns of ``data_file``.
+
+    Returns ``{"ppl", "nll", "tokens", "samples", "per_sample": [{"id", "tokens", "nll"}]}`` where
+    ``nll`` is the mean negative log-likelihood per token (nats) and ``ppl = exp(nll)``.
+    """
+    if batch_size < 1:
+        raise ConfigError("--batch-size", f"must be at least 1, got {batch_size}")
+    path = Path(data_file).expanduser().resolve()
+    records = list(read_jsonl_records(path))
+    loaded = as_loaded_model(model, adapter, model_type=model_type, torch_dtype=torch_dtype)
+
+    import torch
+
+    engine = loaded.engine
+    template = engine.template
+    previous_mode = template.mode
+    if template.use_model:
+        template.model = engine.model
+    template.set_mode("train")  # training-mode encoding: labels on the assistant tokens only
+    per_sample = []
+    try:
+        encoded = [_encode(template, record, path, line_no) for line_no, record in records]
+        with torch.inference_mode():
+            for start in range(0, len(encoded), batch_size):
+                sums, counts = _batch_token_nll(loaded, encoded[start : start + batch_size])
+                for (line_no, record), nll_sum, count in zip(
+                    records[start : start + batch_size], sums, counts, strict=True
+                ):
+                    record_id = (record.get("meta") or {}).get("id", f"{path.stem}:{line_no}")
+                    per_sample.append({"id": record_id, "tokens": int(count), "nll_sum": nll_sum})
+    finally:
+        template.set_mode(previous_mode)
+
+    total_tokens = sum(s["tokens"] for s in per_sample)
+    mean_nll = sum(s["nll_sum"] for s in per_sample) / total_tokens
+    return {
+        "ppl": math.exp(mean_nll),
+        "nll": mean_nll,
+        "tokens": total_tokens,
+        "samples": len(per_sample),
+        "per_sample": [
+            {"id": s["id"], "tokens": s["tokens"], "nll": s["nll_sum"] / s["tokens"]} for s in per_sample
+        ],
+    }
+
+
+def perplexity_change_pct(ppl: float, base_ppl: float) -> float:
+    """Relative perplexity change in percent; positive means the model got worse than the base."""
+    if not base_ppl > 0:
+        raise ValueError(f"base perplexity must be positive, got {base_ppl}")
+    return 100.0 * (ppl - base_ppl) / base_ppl
+
+
+def text_eval_document(
+    result: dict[str, Any],
+    *,
+    model: dict[str, Any],
+    data_file: str | Path,
+    base: dict[str, Any] | None = None,
+    max_regression_pct: float = DEFAULT_MAX_REGRESSION_PCT,
+) -> dict[str, Any]:
+    """The ``text_eval.json`` content: the measurement, the base it is compared with, and the verdict.
+
+    ``base`` holds at least ``ppl`` (plus where it came from); without one there is no verdict
+    (``regressed`` is None) and the gate passes.
+    """
+    change = perplexity_change_pct(result["ppl"], base["ppl"]) if base is not None else None
+    return {
+        **model,
+        "data": describe_file(data_file),
+        **{key: result[key] for key in ("ppl", "nll", "tokens", "samples")},
+        "base": base,
+        "ppl_change_pct": change,
+        "max_regression_pct": max_regression_pct,
+        "regressed": None if change is None else change > max_regression_pct,
+        "per_sample": result.get("per_sample", []),
+        **run_provenance(),
+    }
+
+
+def read_text_eval(path: str | Path) -> dict[str, Any]:
+    """Load a ``text_eval.json`` written earlier (e.g. the base model's, to compare against)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(str(path), "text evaluation file not found")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(str(path), f"not valid JSON ({error.msg})", error.lineno) from None
+    ppl = document.get("ppl") if isinstance(document, dict) else None
+    if isinstance(ppl, bool) or not isinstance(ppl, int | float) or not math.isfinite(ppl) or ppl <= 0:
+        raise DataError(str(path), f"'ppl' must be a positive number, got {ppl!r}")
+    return document
+
+
+def base_from_text_eval(path: str | Path, data_file: str | Path) -> dict[str, Any]:
+    """The base entry of a comparison taken from an earlier ``text_eval.json``.
+
+    The earlier run must have scored the very same data file (same SHA-256): perplexities of different
+    text are not comparable.
+    """
+    document = read_text_eval(path)
+    expected = describe_file(data_file)["sha256"]
+    measured_on = (document.get("data") or {}).get("sha256")
+    if measured_on is not None and measured_on != expected:
+        raise DataError(
+            str(path), f"was measured on different data (sha256 {measured_on[:12]}…, not {expected[:12]}…)"
+        )
+    return {
+        "model": document.get("model"),
+        "adapter": document.get("adapter"),
+        "ppl": document["ppl"],
+        "nll": document.get("nll"),
+        "tokens": document.get("tokens"),
+        "source": str(Path(path).expanduser().resolve()),
+    }
+
+
+def write_text_eval(out_dir: str | Path, document: dict[str, Any]) -> Path:
+    from anchorkd.eval.report import atomic_write_text
+
+    path = Path(out_dir) / TEXT_EVAL_FILE
+    return atomic_write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+def evaluate_text(
+    model: str | Path | LoadedModel,
+    adapter: str | Path | None,
+    data_file: str | Path,
+    out_dir: str | Path,
+    *,
+    base_model: str | Path | None = None,
+    base_adapter: str | Path | None = None,
+    base_text_eval: str | Path | None = None,
+    base_ppl: float | None = None,
+    max_regression_pct: float = DEFAULT_MAX_REGRESSION_PCT,
+    batch_size: int = 8,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    torch_dtype: str | None = None,
+) -> dict[str, Any]:
+    """Measure ``model``'s text perplexity, compare it with a base, write ``out_dir/text_eval.json``.
+
+    The base is one of: a checkpoint to measure (``base_model`` [+ ``base_adapter``]), an earlier
+    ``text_eval.json`` of the same data (``base_text_eval``), or a known perplexity (``base_ppl``).
+    A base checkpoint identical to the evaluated one is not loaded a second time: same weights, same
+    perplexity. Returns the written document; ``document["regressed"]`` is the gate's verdict.
+    """
+    given = [
+        name
+        for name, value in (
+            ("--base", base_model),
+            ("--base-text-eval", base_text_eval),
+            ("base_ppl", base_ppl),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise ConfigError(given[1], f"give only one base to compare with, not {' and '.join(given)}")
+    if base_adapter is not None and base_model is None:
+        raise ConfigError("--base-adapter", "needs --base (the checkpoint the adapter belongs to)")
+    load_options = {"model_type": model_type, "torch_dtype": torch_dtype}
+    # Read before loading any model, so a mismatched base file fails in a second, not after a load.
+    earlier_base = base_from_text_eval(base_text_eval, data_file) if base_text_eval is not None else None
+    loaded = as_loaded_model(model, adapter, **load_options)
+    result = text_perplexity(loaded, None, data_file, batch_size)
+
+    base: dict[str, Any] | None = None
+    if base_model is not None:
+        base_dir = Path(base_model).expanduser().resolve()
+        base_adapter_dir = Path(base_adapter).expanduser().resolve() if base_adapter is not None else None
+        if (base_dir, base_adapter_dir) == (loaded.model, loaded.adapter):
+            logger.info("the base is the evaluated checkpoint itself: reusing its perplexity")
+            base_result = result
+        else:
+            base_result = text_perplexity(base_model, base_adapter, data_file, batch_size, **load_options)
+        base = {
+            "model": str(base_dir),
+            "adapter": str(base_adapter_dir) if base_adapter_dir else None,
+            **{key: base_result[key] for key in ("ppl", "nll", "tokens")},
+            "source": "measured",
+        }
+    elif earlier_base is not None:
+        base = earlier_base
+    elif base_ppl is not None:
+        base = {"ppl": float(base_ppl), "source": "given"}
+
+    document = text_eval_document(
+        result,
+        model=loaded.describe(),
+        data_file=data_file,
+        base=base,
+        max_regression_pct=max_regression_pct,
+    )
+    write_text_eval(out_dir, document)
+    return document
