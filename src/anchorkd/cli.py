@@ -120,6 +120,27 @@ def _run_monitor_config(run_dir: str):
     return MonitorConfig.model_validate(monitor)
 
 
+def _cmd_demo(ns) -> int:
+    from .testbed import HEADLINE_METRICS, TestbedSizes, run_testbed
+
+    sizes = TestbedSizes.quick() if ns.quick else TestbedSizes()
+    result = run_testbed(ns.root, ns.configs, seeds=tuple(ns.seeds), sizes=sizes, runs=tuple(ns.runs))
+    print(
+        f"\nanchorkd demo: {'base reused from cache' if result.base_cached else 'base trained'}, "
+        f"total {result.timings_s.get('total', 0):.0f} s"
+    )
+    header = ["run", *HEADLINE_METRICS]
+    print(" | ".join(header))
+    for name, metrics in result.runs.items():
+        cells = [name]
+        for key in HEADLINE_METRICS:
+            value, spread = metrics.get(key), metrics.get(f"{key}_std")
+            cells.append("n/a" if value is None else f"{value:.3f}" + (f"±{spread:.3f}" if spread else ""))
+        print(" | ".join(cells))
+    print(f"\nanchorkd demo: report in {result.report_dir / 'report.md'} (+ report.json, PNG charts)")
+    return 0
+
+
 def _cmd_prepare_demo(ns) -> int:
     from .demo_assets import prepare_demo_assets
 
@@ -163,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="training output dir (or its logging.jsonl)")
     report.add_argument("--out", default=None, help="where to write (default: the run dir)")
     report.set_defaults(handler=_cmd_report)
+
+    demo = sub.add_parser(
+        "demo", help="the anchoring testbed on the embedded default: base, SFT, GKD, report"
+    )
+    demo.add_argument("--quick", action="store_true", help="tiny sizes that only check the chain (tests)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="domain-run seeds (spread)")
+    demo.add_argument(
+        "--runs", nargs="+", default=["sft", "gkd", "gkd_visual"], choices=["sft", "gkd", "gkd_visual"]
+    )
+    demo.add_argument("--root", default="outputs/testbed", help="where assets, cache, runs and the report go")
+    demo.add_argument("--configs", default="configs/testbed", help="testbed recipe folder")
+    demo.set_defaults(handler=_cmd_demo)
 
     demo_assets = sub.add_parser("prepare-demo", help="build (or reuse) the tiny model and synthetic data")
     demo_assets.add_argument("--root", default="outputs/demo")

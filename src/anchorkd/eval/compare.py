@@ -198,6 +198,19 @@ def _examples_with_unique_ids(scores_by_run: Mapping[str, Mapping[str, Any]]) ->
     return unique
 
 
+def _examples(loaded: Mapping[str, tuple[dict, dict | None]], max_examples: int) -> list[dict]:
+    from anchorkd.eval.report import examples_from_scores
+
+    return examples_from_scores(
+        _examples_with_unique_ids({name: scores for name, (scores, _) in loaded.items()}), max_examples
+    )
+
+
+def example_captions(runs: Mapping[str, str | Path], max_examples: int = 6) -> list[dict]:
+    """Side-by-side example captions of evaluation folders, as ``compare_runs`` puts in its report."""
+    return _examples({name: load_run(folder) for name, folder in runs.items()}, max_examples)
+
+
 def compare_runs(
     runs: Mapping[str, str | Path],
     out_dir: str | Path,
@@ -213,7 +226,7 @@ def compare_runs(
     base itself); when the base run has no text evaluation, each run keeps the change its own text
     evaluation recorded, if any.
     """
-    from anchorkd.eval.report import examples_from_scores, write_comparison_report
+    from anchorkd.eval.report import write_comparison_report
 
     if not runs:
         raise ConfigError("--run", "no run to compare")
@@ -228,9 +241,7 @@ def compare_runs(
             if values.get("text_ppl") is not None:
                 values["text_ppl_change_pct"] = perplexity_change_pct(values["text_ppl"], base_ppl)
 
-    examples = examples_from_scores(
-        _examples_with_unique_ids({name: scores for name, (scores, _) in loaded.items()}), max_examples
-    )
+    examples = _examples(loaded, max_examples)
     metadata = {
         "base run": base_name,
         **{f"run {name}": str(Path(folder).expanduser().resolve()) for name, folder in runs.items()},

@@ -1,0 +1,298 @@
+"""The anchoring testbed: does KL anchoring keep a fine-tuned model from drifting? Measured, end to end.
+
+On the embedded default (tiny Qwen3-VL, synthetic scenes) this runs the whole story a user cares about:
+1. ``base``: the random tiny model learns general captions for indoor *and* outdoor scenes plus text-only
+   chat (full fine-tuning, ``configs/testbed/base.yaml``). Built once and cached by a content hash of
+   everything that determines it (model, data, config, sizes).
+2. Domain fine-tuning on indoor dense captions only, three ways, from the same base:
+   ``sft`` (vanilla), ``gkd`` (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD).
+3. Each of base / sft / gkd / gkd_visual is evaluated on held-out outdoor images (general prompt: are
+   indoor domain objects named where there are none?), indoor images (dense prompt: field F1) and
+   text-only chat (perplexity vs the base), then compared in ``report.md`` / ``report.json`` / PNGs.
+Several seeds (of the domain runs) give a mean and a spread per metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("anchorkd")
+
+RUN_CONFIGS = {
+    "sft": "domain_sft.yaml",
+    "gkd": "domain_gkd.yaml",
+    "gkd_visual": "domain_gkd_visual.yaml",
+}
+RUN_NAMES = ("base", *RUN_CONFIGS)
+BASE_CONFIG = "base.yaml"
+HEADLINE_METRICS = (
+    "ood_domain_object_rate",
+    "chair_i",
+    "chair_s",
+    "object_recall",
+    "indomain_f1",
+    "text_ppl",
+    "text_ppl_change_pct",
+)
+
+
+@dataclass(frozen=True)
+class TestbedSizes:
+    """Everything that sets the testbed's cost. ``quick()`` is for tests (minutes, not meaningful)."""
+
+    data: str = "default"  # SyntheticSizes preset: default | quick
+    base_steps: int = 300
+    base_batch: int = 8
+    domain_steps: int = 120
+    domain_batch: int = 4
+    eval_limit: int = 40  # samples per eval file
+    text_eval_limit: int | None = None
+    max_new_tokens: int = 160
+    eval_batch: int = 8
+
+    @classmethod
+    def quick(cls) -> TestbedSizes:
+        return cls(
+            data="quick",
+            base_steps=3,
+            base_batch=2,
+            domain_steps=2,
+            domain_batch=2,
+            eval_limit=2,
+            max_new_tokens=16,
+            eval_batch=4,
+        )
+
+
+@dataclass
+class TestbedPaths:
+    root: Path
+    configs: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "tiny-qwen3-vl"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def base_cache(self, key: str) -> Path:
+        return self.root / "cache" / f"base-{key}"
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.root / f"seed-{seed}"
+
+
+@dataclass
+class TestbedResult:
+    report_dir: Path
+    runs: dict[str, dict]
+    per_seed: dict[int, dict[str, dict]] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    base_cached: bool = False
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
+    """Hash of everything that determines the base checkpoint."""
+    parts = {
+        "model": json.loads((paths.model / "anchorkd_tiny.json").read_text()),
+        "weights": _sha256_file(paths.model / "model.safetensors"),
+        "data": json.loads((paths.data / "manifest.json").read_text()),
+        "config": (paths.configs / BASE_CONFIG).read_text(),
+        "steps": sizes.base_steps,
+        "batch": sizes.base_batch,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _train(config: Path, overrides: list[str]) -> dict:
+    from .trainers.pipeline import run_training
+
+    return run_training(config, overrides)
+
+
+def _final_checkpoint(run_dir: Path) -> Path:
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise RuntimeError(f"training in {run_dir} saved no checkpoint")
+    return checkpoints[-1]
+
+
+def build_base(paths: TestbedPaths, sizes: TestbedSizes, seed: int = 0) -> tuple[Path, bool]:
+    """Return the cached base checkpoint, training it first if needed. (path, was_cached)."""
+    key = base_cache_key(paths, sizes, seed)
+    cached = paths.base_cache(key)
+    if (cached / "config.json").is_file():
+        return cached, True
+    work = paths.root / "cache" / f".base-{key}.run"
+    shutil.rmtree(work, ignore_errors=True)
+    _train(
+        paths.configs / BASE_CONFIG,
+        [
+            f"model.model={paths.model}",
+            f"data.dataset=[{paths.data / 'base_train.jsonl'}]",
+            f"training.output_dir={work}",
+            f"training.max_steps={sizes.base_steps}",
+            f"training.per_device_train_batch_size={sizes.base_batch}",
+            f"training.save_steps={sizes.base_steps}",
+            f"training.seed={seed}",
+        ],
+    )
+    checkpoint = _final_checkpoint(work)
+    staging = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(
+        checkpoint, staging, ignore=shutil.ignore_patterns("optimizer.pt", "*.pth", "scheduler.pt")
+    )
+    shutil.copy2(work / "logging.jsonl", staging / "base_logging.jsonl")
+    staging.rename(cached)
+    shutil.rmtree(work, ignore_errors=True)
+    return cached, False
+
+
+def train_domain_run(name: str, paths: TestbedPaths, base: Path, sizes: TestbedSizes, seed: int) -> Path:
+    """Train one domain run from ``base``; returns its adapter checkpoint."""
+    out = paths.seed_dir(seed) / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    _train(
+        paths.configs / RUN_CONFIGS[name],
+        [
+            f"model.model={base}",
+            f"data.dataset=[{paths.data / 'train.jsonl'}]",
+            f"training.output_dir={out}",
+            f"training.max_steps={sizes.domain_steps}",
+            f"training.per_device_train_batch_size={sizes.domain_batch}",
+            f"training.save_steps={sizes.domain_steps}",
+            f"training.seed={seed}",
+        ],
+    )
+    return _final_checkpoint(out)
+
+
+def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) -> Path:
+    from .eval.compare import evaluate_checkpoint
+
+    out = paths.seed_dir(seed) / "eval" / name
+    shutil.rmtree(out, ignore_errors=True)
+    evaluate_checkpoint(
+        base,
+        adapter,
+        [paths.data / "eval_outdoor.jsonl", paths.data / "eval_indoor.jsonl"],
+        paths.data / "text_eval.jsonl",
+        out,
+        base_text_ppl=base_text_ppl,
+        batch_size=sizes.eval_batch,
+        max_new_tokens=sizes.max_new_tokens,
+        limit=sizes.eval_limit,
+        max_regression_pct=float("inf"),  # the testbed reports regressions; it does not gate on them
+        show_progress=True,
+    )
+    return out
+
+
+def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Mean of every numeric metric over seeds, with ``<metric>_std`` (sample std; 0 for one seed)."""
+    runs: dict[str, dict] = {}
+    for name in RUN_NAMES:
+        rows = [metrics[name] for metrics in per_seed.values() if name in metrics]
+        if not rows:
+            continue
+        merged: dict = {"seeds": len(rows)}
+        for key in rows[0]:
+            values = [row.get(key) for row in rows]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                merged[key] = statistics.fmean(values)
+                merged[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        runs[name] = merged
+    return runs
+
+
+def run_testbed(
+    root: str | Path = "outputs/testbed",
+    configs: str | Path = "configs/testbed",
+    seeds: tuple[int, ...] = (0,),
+    sizes: TestbedSizes | None = None,
+    runs: tuple[str, ...] = tuple(RUN_CONFIGS),
+) -> TestbedResult:
+    from .data.synthetic import SyntheticSizes, make_synthetic_data
+    from .eval.compare import compare_runs, example_captions
+    from .eval.report import write_comparison_report
+    from .models.tiny import make_tiny_model
+
+    sizes = sizes or TestbedSizes()
+    paths = TestbedPaths(Path(root).resolve(), Path(configs).resolve())
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    def lap(label: str, since: float) -> float:
+        now = time.monotonic()
+        timings[label] = round(now - since, 1)
+        logger.info("testbed: %s took %.0f s", label, now - since)
+        return now
+
+    if not (paths.model / "anchorkd_tiny.json").is_file():
+        make_tiny_model(paths.model, seed=0)
+    data_sizes = SyntheticSizes.quick() if sizes.data == "quick" else SyntheticSizes()
+    manifest = paths.data / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("sizes") != asdict(data_sizes):
+        make_synthetic_data(paths.data, seed=0, sizes=data_sizes, overwrite=True)
+    mark = lap("assets", started)
+
+    base, cached = build_base(paths, sizes)
+    mark = lap("base_cached" if cached else "base_train", mark)
+
+    per_seed: dict[int, dict[str, dict]] = {}
+    first_seed_evals: dict[str, Path] = {}
+    base_eval = None
+    for seed in seeds:
+        eval_dirs: dict[str, Path] = {}
+        if base_eval is None:
+            base_eval = evaluate_run("base", paths, base, None, sizes, seeds[0])
+            mark = lap("eval_base", mark)
+        eval_dirs["base"] = base_eval
+        base_ppl = json.loads((base_eval / "text_eval.json").read_text())["ppl"]
+        for name in runs:
+            adapter = train_domain_run(name, paths, base, sizes, seed)
+            mark = lap(f"train_{name}_seed{seed}", mark)
+            eval_dirs[name] = evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=base_ppl)
+            mark = lap(f"eval_{name}_seed{seed}", mark)
+        first_seed_evals = first_seed_evals or eval_dirs
+        per_seed[seed] = compare_runs(
+            eval_dirs, paths.seed_dir(seed) / "report", title=f"anchorkd testbed, seed {seed}"
+        )
+
+    report_dir = paths.root / "report"
+    aggregated = aggregate_seeds(per_seed)
+    timings["total"] = round(time.monotonic() - started, 1)
+    write_comparison_report(
+        report_dir,
+        aggregated,
+        examples=example_captions(first_seed_evals),
+        title=f"anchorkd anchoring testbed ({len(seeds)} seed(s): {', '.join(map(str, seeds))})",
+        metadata={
+            "seeds": list(seeds),
+            "sizes": asdict(sizes),
+            "base_checkpoint": str(base),
+            "base_cached": cached,
+            "timings_s": timings,
+            "per_seed": {str(s): m for s, m in per_seed.items()},
+        },
+    )
+    return TestbedResult(report_dir, aggregated, per_seed, timings, cached)
