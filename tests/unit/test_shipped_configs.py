@@ -141,3 +141,18 @@ def test_every_overlay_is_extended_by_some_config():
     assert DEMO_DIR / "_tiny.yaml" in overlays
     used = {src for p in SHIPPED for src in ConfigLoader.resolve(p, check_files=False).sources}
     assert [p for p in overlays if p.resolve() not in used] == []
+
+
+@pytest.mark.parametrize(
+    ("base_name", "overlay_name"),
+    [("stage_2_llm_lora.yaml", "stage_2_llm_lora_gkd.yaml"), ("stage_3_vision_llm.yaml", "stage_3_gkd.yaml")],
+)
+def test_gkd_overlays_change_only_trainer_and_teacher_knobs(base_name, overlay_name):
+    """Switching vanilla SFT to KL-anchored SFT is an overlay that touches only `rlhf` and `custom`."""
+    base = ConfigLoader.resolve(CONFIGS_DIR / base_name, check_files=False)
+    overlay = ConfigLoader.resolve(CONFIGS_DIR / overlay_name, check_files=False)
+    differing = {name for name in base.sections if base.sections[name] != overlay.sections[name]}
+    assert differing == {"rlhf"}
+    assert overlay.custom.trainer_variant == "gkd_monitor" and base.custom.trainer_variant == "default"
+    assert overlay.mode == "gkd" and base.mode == "sft"
+    assert overlay.sections["rlhf"]["teacher_model"] == base.sections["model"]["model"]
