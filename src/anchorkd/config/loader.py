@@ -426,6 +426,8 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> None:
             logger.info("teacher = base checkpoint, but non-LoRA parts train: loading a frozen teacher copy")
             train_args._teacher_use_disable_adapter = False
             train_args.teacher_model = config.sections["model"]["model"]
+            # ms-swift cannot always infer the type of a local folder; the copy is the student's own.
+            train_args.teacher_model_type = train_args.teacher_model_type or train_args.model_type
             config.teacher_mode = "separate"
         else:
             config.teacher_mode = "base_anchor"

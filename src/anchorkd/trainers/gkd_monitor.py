@@ -111,6 +111,13 @@ class GKDTrainerWithMetrics(GKDTrainer):
                 "KD is active but no frozen teacher was loaded (self-distillation against the moving student "
                 "is not an anchor)",
             )
+        if self.teacher_model is not None and getattr(self.args, "offload_teacher_model", False):
+            # ms-swift moves an offloaded teacher back to the device only inside its own compute_loss;
+            # ours would run it (and read its LM head for the fused loss) while it sits on the CPU.
+            raise ConfigError(
+                "rlhf.offload_teacher_model",
+                "not supported by gkd_monitor: the teacher must stay on the training device",
+            )
 
     @property
     def kd_active(self) -> bool:
@@ -191,6 +198,8 @@ class GKDTrainerWithMetrics(GKDTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         model_inputs = inputs["model_inputs"]
+        if self.kd_active:
+            self._check_teacher_alignment(model_inputs, inputs["teacher_model_inputs"])
         labels = shift_labels(model_inputs["labels"])
         micro_tokens = int((labels != IGNORE_INDEX).sum())
         window_tokens = max(int(inputs.get(_WINDOW_TOKENS, micro_tokens)), 1)
@@ -230,6 +239,22 @@ class GKDTrainerWithMetrics(GKDTrainer):
         if return_outputs:
             return loss, outputs
         return loss
+
+    @staticmethod
+    def _check_teacher_alignment(model_inputs: dict, teacher_inputs: dict) -> None:
+        """Both losses read student and teacher positions through the student's labels. ms-swift's OPSD
+        rows (``teacher_prompt`` / ``teacher_images``) encode the teacher separately, and where that moves
+        the response tokens the two would be silently misaligned (padded batches can even keep the
+        shapes equal): refuse them instead."""
+        student_labels, teacher_labels = model_inputs["labels"], teacher_inputs.get("labels")
+        if teacher_labels is None or teacher_labels is student_labels:
+            return
+        if not torch.equal(teacher_labels, student_labels):
+            raise ConfigError(
+                "data.dataset",
+                "rows with teacher_prompt / teacher_images that change the teacher's token positions "
+                "(ms-swift OPSD) are not supported by gkd_monitor",
+            )
 
     def _run_teacher_forward(self, model, teacher_inputs: dict, need_lm: bool, fused: bool) -> dict:
         """Teacher pass under no autograd. Returns captured features (and ``logits`` when not fused).
