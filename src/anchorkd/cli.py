@@ -107,13 +107,13 @@ def _cmd_report(ns) -> int:
 
 def _run_monitor_config(run_dir: str):
     """The run's own ``custom.monitor`` thresholds, when its resolved config is there."""
-    from pathlib import Path
 
     from .config.loader import RESOLVED_CONFIG_NAME
     from .config.schema import MonitorConfig
     from .config.yaml_io import read_yaml_mapping
+    from .eval.telemetry_report import find_logging_jsonl
 
-    resolved = Path(run_dir) / RESOLVED_CONFIG_NAME
+    resolved = find_logging_jsonl(run_dir).parent / RESOLVED_CONFIG_NAME
     if not resolved.is_file():
         return None
     monitor = (read_yaml_mapping(resolved).get("custom") or {}).get("monitor") or {}
@@ -215,20 +215,34 @@ def _register_optional(sub) -> None:
         register(sub)
 
 
+def _console_logging() -> None:
+    """anchorkd's own console handler: ms-swift raises the root handler to ERROR when it sets up its
+    logger, which would hide our warnings (forward-only knobs, alerts, non-finite terms)."""
+    logger = logging.getLogger("anchorkd")
+    if not any(getattr(h, "_anchorkd", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[anchorkd] %(levelname)s %(message)s"))
+        handler._anchorkd = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_network()
-    logging.basicConfig(level=logging.INFO, format="[anchorkd] %(levelname)s %(message)s")
+    _console_logging()
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     ns.argv = argv
     from .config.errors import ConfigError, DataError
+    from .eval.telemetry_report import TelemetryFormatError
 
     try:
         return ns.handler(ns)
     except (ConfigError, DataError) as exc:
         print(f"anchorkd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except FileExistsError as exc:
+    except (FileExistsError, FileNotFoundError, TelemetryFormatError) as exc:
         print(f"anchorkd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

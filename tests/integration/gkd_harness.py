@@ -306,13 +306,16 @@ def anchor_build(env: Env) -> Built:
 
 
 def visual_build(env: Env) -> Built:
-    """``configs/stage_3_gkd.yaml`` on the tiny model (aligner trainable -> separate frozen teacher copy)
+    """``configs/stage_3_gkd.yaml`` on the tiny model with a separate frozen teacher copy
     with ``custom.visual_kd`` on (weight 0.7, merger + deepstack, mse); the student's LoRA (language model
     and aligner) is perturbed so both KD terms are > 0; LM heads of both scaled."""
     config = write_stage3_gkd_config(env.work / "configs")
     extra = (
         *ANCHOR_EXTRA,
         TEACHER_TYPE,
+        # stage 3 with LoRA would use the base anchor; a different spelling of the same folder makes
+        # ms-swift load a separate frozen copy, the mode these tests exercise.
+        f"rlhf.teacher_model={env.model_dir}/",
         "custom.visual_kd.enabled=true",
         f"custom.visual_kd.weight={VISUAL_WEIGHT}",
     )

@@ -125,8 +125,8 @@ def test_base_anchor_teacher_when_only_lora_trains(anchor_built):
     assert not torch.allclose(h.student_logits(trainer, batch), base, rtol=1e-3, atol=1e-3)
 
 
-def test_separate_frozen_teacher_for_stage3(env):
-    """Stage 3 (aligner trainable, teacher == model): the loader loads a separate frozen copy of the base."""
+def test_separate_frozen_teacher_copy(env):
+    """A teacher given as another folder is loaded as a separate frozen copy, sharing no storage."""
     built = h.visual_build(env)
     trainer = built.trainer
     assert built.config.teacher_mode == "separate"
@@ -162,13 +162,30 @@ def test_teacher_adapters_load_base_plus_adapter(env, anchor_built, adapter):
     assert torch.allclose(teacher, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_stage3_teacher_copy_inherits_model_type(env):
+def test_stage3_lora_keeps_the_base_anchor(env):
+    """With LoRA the aligner trains through LoRA adapters only, so the adapter-disabled student is the
+    exact base: no second copy, even with freeze_aligner false."""
     config = h.write_stage3_gkd_config(env.work / "configs")
     with h.preserved_environment():
         loaded = ConfigLoader.load_training_config(
-            config, env.overrides("stage3-type"), create_output_dir=False
+            config, env.overrides("stage3-anchor"), create_output_dir=False
+        )
+    assert loaded.config.sections["tuner"]["freeze_aligner"] is False
+    assert loaded.config.teacher_mode == "base_anchor"
+    assert loaded.train_args._teacher_use_disable_adapter and loaded.train_args.teacher_model is None
+
+
+def test_weights_trained_outside_lora_get_a_frozen_teacher_copy(env):
+    config = h.write_stage3_gkd_config(env.work / "configs")
+    with h.preserved_environment():
+        loaded = ConfigLoader.load_training_config(
+            config,
+            env.overrides("stage3-copy", extra=("tuner.modules_to_save=[lm_head]",)),
+            create_output_dir=False,
         )
     assert loaded.config.teacher_mode == "separate"
+    assert not loaded.train_args._teacher_use_disable_adapter
+    assert loaded.train_args.teacher_model == loaded.config.sections["model"]["model"]
     assert loaded.train_args.teacher_model_type == loaded.train_args.model_type == "qwen3_vl"
 
 

@@ -254,7 +254,7 @@ def test_overrides_set_values_and_create_nested_mappings():
         ["training.learning_rate=1e-4", "custom.visual_kd.weight=0.5", "rlhf.beta=0.1", "training.seed=null"],
     )
     assert result == {
-        "training": {"seed": None, "learning_rate": 1e-4},
+        "training": {"learning_rate": 1e-4},  # seed=null cleared the key: ms-swift's default applies
         "rlhf": {"beta": 0.1},
         "custom": {"visual_kd": {"weight": 0.5}},
     }

@@ -234,6 +234,21 @@ def _rule_gkd_monitor_needs_gkd(config: ResolvedConfig, source: str) -> None:
         raise ConfigError("custom.trainer_variant", "gkd_monitor requires rlhf.rlhf_type: gkd", source)
 
 
+def _rule_kd_weight_needs_gkd_monitor(config: ResolvedConfig, source: str) -> None:
+    rlhf = config.sections["rlhf"]
+    if (
+        rlhf.get("rlhf_type") == "gkd"
+        and config.custom.trainer_variant != "gkd_monitor"
+        and config.llm_kd_weight != 1.0
+    ):
+        raise ConfigError(
+            "rlhf.llm_kd_weight",
+            f"is {config.llm_kd_weight}, but ms-swift's own GKD trainer (custom.trainer_variant: default) always "
+            "weighs the KD term by 1.0: set custom.trainer_variant: gkd_monitor",
+            source,
+        )
+
+
 def _rule_visual_kd_needs_gkd_monitor(config: ResolvedConfig, source: str) -> None:
     if config.custom.visual_kd.enabled and config.custom.trainer_variant != "gkd_monitor":
         raise ConfigError(
@@ -303,6 +318,7 @@ def _rule_choose_run_mode(config: ResolvedConfig, source: str) -> None:
 RUN_RULES = (
     _rule_rlhf_keys_need_rlhf_type,
     _rule_gkd_monitor_needs_gkd,
+    _rule_kd_weight_needs_gkd_monitor,
     _rule_visual_kd_needs_gkd_monitor,
     _rule_seq_kd_unsupported,
     _rule_teacher_required_for_kd,
@@ -408,31 +424,34 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> None:
     """Keep ms-swift's adapter-disabled teacher only where it really is the base model.
 
     ms-swift uses "student with LoRA disabled" as the teacher whenever ``teacher_model == model`` and
-    the tuner is LoRA. That is exact (and saves a second copy of the weights) only if LoRA is all that
-    trains. With a trainable aligner or vision tower (stage 3), disabling the adapter would leave the
-    already-updated aligner in the "teacher", anchoring the student to itself; load a frozen copy then.
+    the tuner is LoRA. That is exact (and saves a second copy of the weights) when only LoRA weights
+    train, which includes stage 3: with LoRA, ``freeze_aligner: false`` puts LoRA on the merger linears.
+    Weights trained outside LoRA (``modules_to_save``, ``trainable_parameters[_regex]``) would stay
+    switched on in such a "teacher", anchoring the student partly to itself: load a frozen copy then.
     """
     if config.mode != "gkd":
         config.teacher_mode = "none"
         return
-    if getattr(train_args, "_teacher_use_disable_adapter", False):
-        tuner = config.sections["tuner"]
-        trains_more_than_lora = (
-            not tuner.get("freeze_aligner", True)
-            or not tuner.get("freeze_vit", True)
-            or bool(tuner.get("modules_to_save"))
-        )
-        if trains_more_than_lora:
-            logger.info("teacher = base checkpoint, but non-LoRA parts train: loading a frozen teacher copy")
-            train_args._teacher_use_disable_adapter = False
-            train_args.teacher_model = config.sections["model"]["model"]
-            # ms-swift cannot always infer the type of a local folder; the copy is the student's own.
-            train_args.teacher_model_type = train_args.teacher_model_type or train_args.model_type
-            config.teacher_mode = "separate"
-        else:
-            config.teacher_mode = "base_anchor"
-    else:
+    if not getattr(train_args, "_teacher_use_disable_adapter", False):
         config.teacher_mode = "separate"
+        return
+    tuner = config.sections["tuner"]
+    trained_outside_lora = [
+        key
+        for key in ("modules_to_save", "trainable_parameters", "trainable_parameters_regex")
+        if tuner.get(key)
+    ]
+    if not trained_outside_lora:
+        config.teacher_mode = "base_anchor"
+        return
+    logger.info(
+        "teacher = base checkpoint, but %s train outside LoRA: loading a frozen copy", trained_outside_lora
+    )
+    train_args._teacher_use_disable_adapter = False
+    train_args.teacher_model = config.sections["model"]["model"]
+    # ms-swift cannot always infer the type of a local folder; the copy is the student's own.
+    train_args.teacher_model_type = train_args.teacher_model_type or train_args.model_type
+    config.teacher_mode = "separate"
 
 
 def _attach_knobs(train_args, config: ResolvedConfig) -> None:

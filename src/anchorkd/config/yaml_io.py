@@ -152,7 +152,10 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
                 path = ".".join(keys[: depth + 1])
                 raise ConfigError(path, f"cannot set {'.'.join(keys)}: {path} is not a mapping")
             node = child
-        node[keys[-1]] = value
+        if value is None:
+            node.pop(keys[-1], None)  # ``key=null`` clears the key: the parent's / ms-swift's default applies
+        else:
+            node[keys[-1]] = value
     return result
 
 
