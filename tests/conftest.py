@@ -20,6 +20,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
+@pytest.fixture(autouse=True)
+def clean_tb_env():
+    """ms-swift's argument constructors export TENSORBOARD_LOGGING_DIR (only when unset): keep one test's
+    value from leaking into the next."""
+    saved = os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+    yield
+    if saved is None:
+        os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+    else:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from anchorkd.models.tiny import make_tiny_model

@@ -16,16 +16,6 @@ DEMO_STAGE_2 = REPO_ROOT / "configs" / "demo" / "stage_2_llm_lora.yaml"
 TB_ENV = "TENSORBOARD_LOGGING_DIR"
 
 
-@pytest.fixture(autouse=True)
-def clean_tb_env():
-    saved = os.environ.pop(TB_ENV, None)
-    yield
-    if saved is None:
-        os.environ.pop(TB_ENV, None)
-    else:
-        os.environ[TB_ENV] = saved
-
-
 def runs_snapshot(workdir: Path) -> list[str] | None:
     """What is under the demo configs' output root (None: not even the folder)."""
     runs = workdir / "outputs" / "demo" / "runs"

@@ -8,7 +8,6 @@ knob never reaches ms-swift and is attached afterwards.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,6 @@ import yaml
 
 import anchorkd.config.loader as loader_module
 from anchorkd.config import ConfigLoader
-
-TB_ENV = "TENSORBOARD_LOGGING_DIR"
 
 
 def write_config(tmp_path: Path, config: dict) -> Path:
@@ -70,16 +67,6 @@ def spy(monkeypatch) -> Spy:
 
     monkeypatch.setattr(loader_module, "_args_cls", lambda rlhf: RecordingRLHF if rlhf else RecordingSft)
     return record
-
-
-@pytest.fixture(autouse=True)
-def clean_tb_env():
-    saved = os.environ.pop(TB_ENV, None)
-    yield
-    if saved is None:
-        os.environ.pop(TB_ENV, None)
-    else:
-        os.environ[TB_ENV] = saved
 
 
 def test_llm_kd_weight_is_not_an_ms_swift_argument():

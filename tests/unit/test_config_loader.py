@@ -60,17 +60,6 @@ def visual(tmp_path, tiny_model_dir, synthetic_data_dir) -> dict:
     return visual_kd_config(tiny_model_dir, synthetic_data_dir, tmp_path / "out")
 
 
-@pytest.fixture
-def clean_tb_env():
-    """ms-swift's constructors export TENSORBOARD_LOGGING_DIR; keep each test's value out of the others."""
-    saved = os.environ.pop(TB_ENV, None)
-    yield
-    if saved is None:
-        os.environ.pop(TB_ENV, None)
-    else:
-        os.environ[TB_ENV] = saved
-
-
 def resolve(tmp_path, config, overrides=(), check_files=False):
     return ConfigLoader.resolve(write_config(tmp_path, config), overrides, check_files=check_files)
 

@@ -7,7 +7,6 @@ configs extend.
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from anchorkd.config.yaml_io import parse_override
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS_DIR = REPO_ROOT / "configs"
 DEMO_DIR = CONFIGS_DIR / "demo"
-TB_ENV = "TENSORBOARD_LOGGING_DIR"
 
 
 def shipped_configs() -> list[Path]:
@@ -39,16 +37,6 @@ DEMO = [p for p in SHIPPED if DEMO_DIR in p.parents]
 
 def rel(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT))
-
-
-@pytest.fixture(autouse=True)
-def clean_tb_env():
-    saved = os.environ.pop(TB_ENV, None)
-    yield
-    if saved is None:
-        os.environ.pop(TB_ENV, None)
-    else:
-        os.environ[TB_ENV] = saved
 
 
 def header_lines(path: Path) -> list[str]:
