@@ -264,13 +264,11 @@ class GKDTrainerWithMetrics(GKDTrainer):
         """
         if self.teacher_model is not None:
             teacher, adapter_off = self.teacher_model, contextlib.nullcontext()
-            grad_mode = torch.inference_mode()
         else:  # base anchor: the student's own weights with the LoRA adapter switched off
             teacher = model
             adapter_off = self.accelerator.unwrap_model(model).disable_adapter()
-            grad_mode = torch.no_grad()
         with (
-            grad_mode,
+            torch.inference_mode(),  # no autograd state is kept for the teacher, in either mode
             adapter_off,
             disable_gradient_checkpointing(teacher, self.args.gradient_checkpointing_kwargs),
             self._capture.role(TEACHER) as captured,
