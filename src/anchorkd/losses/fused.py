@@ -40,20 +40,18 @@ from .jsd import IGNORE_INDEX, _check_beta_temperature, _safe_divide
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "FusedLossOutput", "fused_ce_jsd"]
 
-# Rows per GEMM chunk. Each chunk holds two [chunk, V] fp32 logit buffers in forward and three
-# in backward (student, teacher, grad): 0.6 GB each at V=151,936 and chunk=1024, so a few GB
-# at most. Measured on CPU (bench/loss_floor.py, H=64, 2 threads): the [chunk, H] x [H, V]
-# GEMMs re-read the whole LM head for every chunk, so small chunks are bandwidth bound
-# (chunk=32 is 2-4x slower per GEMM than chunk>=256); past ~512 rows the time is flat. On GPU
-# larger chunks also mean fewer kernel launches.
-DEFAULT_CHUNK_SIZE = 1024
+# Rows per GEMM chunk. A chunk holds two [chunk, V] fp32 logit buffers (student, teacher):
+# 2 x 156 MB at V=151,936. Measured with bench-style inputs (N=1800, H=64, CPU): 128-512 rows
+# cost the same (the [chunk, H] x [H, V] GEMMs re-read the LM head per chunk, so much smaller
+# chunks get bandwidth bound), while 1024 was ~10% slower: 0.6 GB buffers are page-faulted in
+# fresh on every call. On GPU, 256 x 151,936 element ops are already far above launch overhead.
+DEFAULT_CHUNK_SIZE = 256
 
-# Rows per element-wise block inside a chunk (CPU only). The ~10 element-wise passes per row
-# run on [block, V] temporaries; at 16 rows they are ~10 MB each, which (a) stays under glibc's
-# 32 MB mmap threshold, so temporaries are recycled instead of page-faulted in fresh each time
-# (that alone made [256+, V] temporaries ~3x slower), and (b) keeps part of the working set in
-# L3. On accelerators the whole chunk is one block (launch overhead dominates there).
-_CPU_BLOCK_BYTES = 10 * 2**20
+# Rows per element-wise block inside a chunk (CPU only): ~25 element-wise passes run on
+# [block, V] slices and scratch buffers; at ~5 MB each (8 rows of V=151,936) the block's
+# working set mostly stays in L3 between passes. 4-16 rows measured within noise of each
+# other, 32-48 rows ~5-10% slower. On accelerators the whole chunk is one block.
+_CPU_BLOCK_BYTES = 5 * 2**20
 
 # Smallest normal fp32: floor for the mixture before its log, so that rows where p and q both
 # underflow give log m finite (their terms are multiplied by p or q ~ 0 anyway) instead of NaN.
@@ -67,7 +65,8 @@ class FusedLossOutput(NamedTuple):
         ce: fp32 scalar, sum of token CE over valid positions / normaliser (0 if disabled).
         jsd: fp32 scalar, sum of the generalised JSD over valid positions / normaliser.
         n_valid: int64 scalar, number of positions with ``labels != ignore_index``.
-        correct_tokens: int64 scalar, valid positions whose student argmax equals the label.
+        correct_tokens: int64 scalar, valid positions where the label has the highest student
+            logit (the argmax, up to exact ties).
     """
 
     ce: torch.Tensor
@@ -203,42 +202,39 @@ class _FusedCEJSD(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.int64, device=device)
         stats = _RowStats.allocate(n_rows, config, device)
 
-        student_head = _Head(weight, bias, scale=1.0)
-        teacher_head = (
-            _Head(teacher_weight, teacher_bias, scale=1.0 / config.temperature)
-            if config.compute_jsd
-            else None
-        )
-        chunk = min(config.chunk_size, max(n_rows, 1))
-        student_buf = torch.empty(chunk, vocab_size, dtype=torch.float32, device=device)
-        teacher_buf = torch.empty_like(student_buf) if config.compute_jsd else None
-        block = _block_rows(config, vocab_size, device)
-
-        for start in range(0, n_rows, chunk):
-            end = min(start + chunk, n_rows)
-            logits = student_head.logits(hidden[start:end], student_buf)  # raw z
-            teacher_logits = (
-                teacher_head.logits(teacher_hidden[start:end], teacher_buf) if teacher_head else None
+        if n_rows > 0:
+            student_head = _Head(weight, bias, scale=1.0)
+            teacher_head = (
+                _Head(teacher_weight, teacher_bias, 1.0 / config.temperature) if config.compute_jsd else None
             )
-            for b_start in range(0, end - start, block):
-                b_end = min(b_start + block, end - start)
-                rows = slice(start + b_start, start + b_end)
-                ce_part, jsd_part, correct_part = _forward_block(
-                    logits[b_start:b_end],
-                    None if teacher_logits is None else teacher_logits[b_start:b_end],
-                    labels[rows],
-                    stats,
-                    rows,
-                    config,
+            chunk = min(config.chunk_size, n_rows)
+            block = min(_block_rows(config, vocab_size, device), chunk)
+            student_buf = _new_buffer(chunk, vocab_size, device)
+            teacher_buf = _new_buffer(chunk, vocab_size, device) if teacher_head else None
+            workspace = [_new_buffer(block, vocab_size, device) for _ in range(3 if teacher_head else 0)]
+            for start in range(0, n_rows, chunk):
+                end = min(start + chunk, n_rows)
+                logits = student_head.logits(hidden[start:end], student_buf)  # raw z
+                teacher_logits = (
+                    teacher_head.logits(teacher_hidden[start:end], teacher_buf) if teacher_head else None
                 )
-                ce_sum += ce_part
-                jsd_sum += jsd_part
-                correct += correct_part
-        del student_buf, teacher_buf
+                for offset in range(0, end - start, block):
+                    local = slice(offset, min(offset + block, end - start))
+                    rows = slice(start + local.start, start + local.stop)
+                    ce_part, jsd_part, correct_part = _forward_block(
+                        logits[local],
+                        None if teacher_logits is None else teacher_logits[local],
+                        labels[rows],
+                        stats,
+                        rows,
+                        config,
+                        workspace,
+                    )
+                    ce_sum += ce_part
+                    jsd_sum += jsd_part
+                    correct += correct_part
 
         ctx.config = config
-        ctx.has_bias = bias is not None
-        ctx.has_teacher_bias = teacher_bias is not None
         ctx.save_for_backward(
             hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, *stats.as_tuple()
         )
@@ -257,8 +253,10 @@ class _FusedCEJSD(torch.autograd.Function):
             ctx.saved_tensors
         )
         stats = _RowStats(*stat_tensors)
-        grad_ce = grad_ce if config.compute_ce and not _is_zero(grad_ce) else None
-        grad_jsd = grad_jsd if config.compute_jsd and not _is_zero(grad_jsd) else None
+        # Python floats: one host sync per backward, then cheap scalar arithmetic per block;
+        # a zero weight (e.g. sft_alpha = 0) skips its term entirely.
+        ce_scale = _as_scale(grad_ce) if config.compute_ce else None
+        jsd_scale = _as_scale(grad_jsd) if config.compute_jsd else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
 
         n_rows, vocab_size = hidden.size(0), weight.size(0)
@@ -267,37 +265,39 @@ class _FusedCEJSD(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
         grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
 
-        if n_rows > 0 and (grad_ce is not None or grad_jsd is not None):
+        if n_rows > 0 and (ce_scale is not None or jsd_scale is not None):
             student_head = _Head(weight, bias, scale=1.0)
             teacher_head = (
-                _Head(teacher_weight, teacher_bias, scale=1.0 / config.temperature)
-                if grad_jsd is not None
+                _Head(teacher_weight, teacher_bias, 1.0 / config.temperature)
+                if jsd_scale is not None
                 else None
             )
             chunk = min(config.chunk_size, n_rows)
-            logits_buf = torch.empty(chunk, vocab_size, dtype=torch.float32, device=device)
-            teacher_buf = torch.empty_like(logits_buf) if teacher_head else None
-            block = _block_rows(config, vocab_size, device)
+            block = min(_block_rows(config, vocab_size, device), chunk)
+            logits_buf = _new_buffer(chunk, vocab_size, device)
+            teacher_buf = _new_buffer(chunk, vocab_size, device) if teacher_head else None
+            workspace = [_new_buffer(block, vocab_size, device) for _ in range(2 if teacher_head else 0)]
             for start in range(0, n_rows, chunk):
                 end = min(start + chunk, n_rows)
                 hidden_chunk = hidden[start:end].float()
-                # d loss / d logits overwrites the recomputed logits block by block.
+                # The recomputed logits are overwritten, block by block, with d total / d logits.
                 grad_logits = student_head.logits(hidden_chunk, logits_buf)
                 teacher_logits = (
                     teacher_head.logits(teacher_hidden[start:end], teacher_buf) if teacher_head else None
                 )
-                for b_start in range(0, end - start, block):
-                    b_end = min(b_start + block, end - start)
-                    rows = slice(start + b_start, start + b_end)
+                for offset in range(0, end - start, block):
+                    local = slice(offset, min(offset + block, end - start))
+                    rows = slice(start + local.start, start + local.stop)
                     _backward_block(
-                        grad_logits[b_start:b_end],
-                        None if teacher_logits is None else teacher_logits[b_start:b_end],
+                        grad_logits[local],
+                        None if teacher_logits is None else teacher_logits[local],
                         labels[rows],
                         stats,
                         rows,
-                        grad_ce,
-                        grad_jsd,
+                        ce_scale,
+                        jsd_scale,
                         config,
+                        workspace,
                     )
                 if need_hidden:
                     torch.mm(grad_logits, student_head.weight, out=grad_hidden[start:end])
@@ -331,7 +331,7 @@ class _Head:
         out = buffer[: hidden.size(0)]
         hidden = hidden.float()
         if self.scale != 1.0:
-            hidden = hidden * self.scale  # [rows, H]: cheaper than scaling [rows, V]
+            hidden = hidden * self.scale  # scaling [rows, H] is free next to scaling [rows, V]
         if self.bias is None:
             return torch.mm(hidden, self.weight.T, out=out)
         return torch.addmm(self.bias, hidden, self.weight.T, beta=self.scale, out=out)
@@ -370,8 +370,23 @@ class _RowStats:
         return (self.lse_raw, self.lse_tempered, self.lse_teacher, self.kl_term)
 
     def student_lse(self) -> torch.Tensor:
-        """LSE of the logits the JSD's student softmax uses."""
+        """LSE of the logits behind the JSD's student softmax."""
         return self.lse_raw if self.lse_tempered is None else self.lse_tempered
+
+
+def _softmax_parts(shifted: torch.Tensor, prob_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``x - max(x)`` (``[r, V]``, overwritten with ``log_softmax(x)``) write
+    ``softmax(x)`` into ``prob_out``; return ``(prob, log_normaliser [r, 1])``.
+
+    One exp per element serves both the probabilities and the log-probabilities, where
+    ``log_softmax`` followed by ``exp`` would take two.
+    """
+    prob = torch.exp(shifted, out=prob_out)
+    normaliser = prob.sum(-1, keepdim=True)
+    log_normaliser = normaliser.log()
+    shifted.sub_(log_normaliser)
+    prob.mul_(normaliser.reciprocal_())
+    return prob, log_normaliser
 
 
 def _forward_block(
@@ -381,53 +396,57 @@ def _forward_block(
     stats: _RowStats,
     rows: slice,
     config: _Config,
+    workspace: list[torch.Tensor],  # [block, V] scratch buffers
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ce_sum, jsd_sum, correct)`` for one block of rows; fills ``stats[rows]``."""
+    n = logits.size(0)
     zero = logits.new_zeros(())
-    max_logit, argmax = logits.max(dim=-1)  # [r]; the argmax gives token accuracy for free
-    correct = (argmax == labels).sum()
-    argmax_col = argmax.unsqueeze(1)
+    max_logit = logits.amax(dim=-1, keepdim=True)  # [r, 1]
+    label_logit = logits.gather(1, labels.unsqueeze(1))  # [r, 1]
+    # Token accuracy without an argmax pass: the label is "the argmax" iff it attains the max
+    # (differs from argmax only on exact ties, where argmax picks the lowest id).
+    correct = (label_logit >= max_logit).sum()
+    shifted = logits.sub_(max_logit)  # z - max, in place
 
-    # log_softmax is one fused kernel; its LSE is read back at the argmax column, where
-    # log p is in [-log V, 0], so the subtraction loses no precision.
     ce = zero
-    raw_logp = None
-    if stats.lse_raw is not None:
-        raw_logp = torch.log_softmax(logits, dim=-1)  # [r, V]
-        stats.lse_raw[rows] = max_logit - raw_logp.gather(1, argmax_col).squeeze(1)
-        if config.compute_ce:
-            ce = -raw_logp.gather(1, labels.unsqueeze(1)).sum()
-    if not config.compute_jsd:
-        return ce, zero, correct
+    if not config.compute_jsd:  # CE only: just the normaliser
+        lse_raw = max_logit + shifted.exp_().sum(-1, keepdim=True).log_()
+        stats.lse_raw[rows] = lse_raw.squeeze(1)
+        return (lse_raw - label_logit).sum(), zero, correct
 
-    if stats.lse_tempered is None:
-        student_logp = raw_logp  # temperature 1: CE and JSD share the softmax
+    mixture_buf, student_prob_buf, teacher_prob_buf = (buf[:n] for buf in workspace)
+    inv_temperature = 1.0 / config.temperature
+    if stats.lse_tempered is None:  # temperature 1: CE and JSD share one softmax
+        student_prob, log_norm = _softmax_parts(shifted, student_prob_buf)
+        stats.lse_raw[rows] = (max_logit + log_norm).squeeze(1)
+        if config.compute_ce:
+            ce = (max_logit + log_norm - label_logit).sum()
     else:
-        del raw_logp
-        inv_temperature = 1.0 / config.temperature
-        student_logp = torch.log_softmax(logits.mul_(inv_temperature), dim=-1)
-        stats.lse_tempered[rows] = max_logit * inv_temperature - student_logp.gather(1, argmax_col).squeeze(1)
-    teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
-    # Teacher LSE read at the student's argmax column (a likely token for the teacher too);
-    # any column is exact up to the rounding of |log q| there.
-    stats.lse_teacher[rows] = (
-        teacher_logits.gather(1, argmax_col) - teacher_logp.gather(1, argmax_col)
-    ).squeeze(1)
+        if config.compute_ce:
+            log_norm_raw = torch.exp(shifted, out=student_prob_buf).sum(-1, keepdim=True).log_()
+            stats.lse_raw[rows] = (max_logit + log_norm_raw).squeeze(1)
+            ce = (max_logit + log_norm_raw - label_logit).sum()
+        student_prob, log_norm = _softmax_parts(shifted.mul_(inv_temperature), student_prob_buf)
+        stats.lse_tempered[rows] = (max_logit * inv_temperature + log_norm).squeeze(1)
+    student_logp = shifted
+
+    teacher_max = teacher_logits.amax(dim=-1, keepdim=True)
+    teacher_logp = teacher_logits.sub_(teacher_max)
+    teacher_prob, teacher_log_norm = _softmax_parts(teacher_logp, teacher_prob_buf)
+    stats.lse_teacher[rows] = (teacher_max + teacher_log_norm).squeeze(1)
 
     beta = config.beta
     if beta == 0:  # KL(q || p) = sum q (t - s)
-        teacher_prob = torch.exp(teacher_logp, out=teacher_logits)
-        divergence = torch.linalg.vecdot(teacher_prob, teacher_logp.sub_(student_logp))
+        divergence = teacher_logp.sub_(student_logp).mul_(teacher_prob).sum(-1)
     elif beta == 1:  # KL(p || q) = sum p (s - t)
-        student_prob = torch.exp(student_logp)
-        divergence = torch.linalg.vecdot(student_prob, teacher_logp.neg_().add_(student_logp))
+        divergence = student_logp.sub_(teacher_logp).mul_(student_prob).sum(-1)
         stats.kl_term[rows] = divergence
-    else:  # beta KL(q || m) + (1 - beta) KL(p || m)
-        student_prob = torch.exp(student_logp)
-        teacher_prob = torch.exp(teacher_logp, out=teacher_logits)
-        log_mixture = _unshifted_log_mixture(student_prob, teacher_prob, beta).add_(math.log1p(-beta))
-        kl_student = torch.linalg.vecdot(student_prob, student_logp.sub_(log_mixture))
-        kl_teacher = torch.linalg.vecdot(teacher_prob, teacher_logp.sub_(log_mixture))
+    else:  # beta KL(q || m) + (1 - beta) KL(p || m), log m = log m' + log(1 - beta)
+        log_mixture = _unshifted_log_mixture(student_prob, teacher_prob, beta, out=mixture_buf)
+        # sum p (s - log m) = sum p (s - log m') - log(1 - beta), as sum p = 1.
+        shift = math.log1p(-beta)
+        kl_student = student_logp.sub_(log_mixture).mul_(student_prob).sum(-1) - shift
+        kl_teacher = teacher_logp.sub_(log_mixture).mul_(teacher_prob).sum(-1) - shift
         stats.kl_term[rows] = kl_student
         divergence = beta * kl_teacher + (1.0 - beta) * kl_student
     return ce, divergence.sum(), correct
@@ -439,74 +458,79 @@ def _backward_block(
     labels: torch.Tensor,  # [r]
     stats: _RowStats,
     rows: slice,
-    grad_ce: torch.Tensor | None,  # 0-dim d total / d ce_sum (None: term unused)
-    grad_jsd: torch.Tensor | None,  # 0-dim d total / d jsd_sum (None: term unused)
+    ce_scale: float | None,  # d total / d ce_sum (None: term unused)
+    jsd_scale: float | None,  # d total / d jsd_sum (None: term unused)
     config: _Config,
+    workspace: list[torch.Tensor],  # [block, V] scratch buffers
 ) -> None:
-    """Overwrite ``logits`` with the gradient of ``grad_ce * ce_sum + grad_jsd * jsd_sum``."""
+    """Overwrite ``logits`` with the gradient of ``ce_scale * ce_sum + jsd_scale * jsd_sum``."""
 
     def per_row(stat: torch.Tensor) -> torch.Tensor:
         return stat[rows].unsqueeze(1)  # [r, 1]
 
-    if grad_jsd is None:  # CE only: softmax(z) * g - g * onehot, all in place
-        logits.sub_(per_row(stats.lse_raw)).exp_().mul_(grad_ce)
-        _subtract_at_labels(logits, labels, grad_ce)
+    if jsd_scale is None:  # CE only: (softmax(z) - onehot) * ce_scale, in place
+        logits.sub_(per_row(stats.lse_raw)).exp_().mul_(ce_scale)
+        _subtract_at_labels(logits, labels, ce_scale)
         return
 
+    n = logits.size(0)
+    ce_prob_buf, student_prob_buf = (buf[:n] for buf in workspace)
     inv_temperature = 1.0 / config.temperature
     tempered = stats.lse_tempered is not None
-    # At temperature 1 the CE softmax is the JSD's p and folds into the same product;
-    # otherwise it needs its own exp pass.
-    separate_ce = None
-    if grad_ce is not None and tempered:
-        separate_ce = torch.sub(logits, per_row(stats.lse_raw)).exp_().mul_(grad_ce)
-    fold_ce = grad_ce is not None and not tempered
+    # At temperature 1 the CE softmax is the JSD's p and folds into the same product (as the
+    # additive ``folded_ce`` below); otherwise it needs its own exp pass.
+    ce_prob = None
+    if ce_scale is not None and tempered:
+        ce_prob = torch.sub(logits, per_row(stats.lse_raw), out=ce_prob_buf).exp_()
+    folded_ce = ce_scale if ce_scale is not None and not tempered else 0.0
 
     if tempered:
         logits.mul_(inv_temperature)
     student_logp = logits.sub_(per_row(stats.student_lse()))  # s, in place
+    student_prob = torch.exp(student_logp, out=student_prob_buf)  # p
     teacher_logp = teacher_logits.sub_(per_row(stats.lse_teacher))  # t, in place
     beta = config.beta
-    if beta == 0:  # (p - q) * grad_jsd / tau  [+ p * grad_ce]
-        jsd_scale = grad_jsd * inv_temperature
-        scaled_teacher_prob = teacher_logp.exp_().mul_(jsd_scale)
-        student_logp.exp_().mul_(jsd_scale + grad_ce if fold_ce else jsd_scale).sub_(scaled_teacher_prob)
-    else:  # p * (factor * scale [+ grad_ce])
-        student_prob = torch.exp(student_logp)
-        if beta == 1:  # factor = s - t - D
-            factor = student_logp.sub_(teacher_logp).sub_(per_row(stats.kl_term))
-            jsd_scale = grad_jsd * inv_temperature
-        else:  # factor = s - log m - K_s, with log m = log m' + log(1 - beta)
+    if beta == 0:  # grad = (p - q) c + p * folded_ce, c = jsd_scale / tau
+        scale = jsd_scale * inv_temperature
+        scaled_teacher_prob = teacher_logp.exp_().mul_(-scale)
+        torch.add(scaled_teacher_prob, student_prob, alpha=scale + folded_ce, out=logits)
+    else:  # grad = p ((s - x - k) c + folded_ce) = p (c (s - x) + (folded_ce - c k))
+        if beta == 1:  # x = t, k = D
+            scale = jsd_scale * inv_temperature
+            subtrahend = teacher_logp
+            row_term = per_row(stats.kl_term)
+        else:  # x = log m', k = K_s + log(1 - beta)
+            scale = jsd_scale * (1.0 - beta) * inv_temperature
             teacher_prob = teacher_logp.exp_()
-            log_mixture_unshifted = _unshifted_log_mixture(student_prob, teacher_prob, beta)
-            row_shift = per_row(stats.kl_term) + math.log1p(-beta)
-            factor = student_logp.sub_(log_mixture_unshifted).sub_(row_shift)
-            jsd_scale = grad_jsd * ((1.0 - beta) * inv_temperature)
-        factor.mul_(jsd_scale)
-        if fold_ce:
-            factor.add_(grad_ce)
-        factor.mul_(student_prob)
-    if separate_ce is not None:
-        logits.add_(separate_ce)
-    if grad_ce is not None:
-        _subtract_at_labels(logits, labels, grad_ce)
+            subtrahend = _unshifted_log_mixture(student_prob, teacher_prob, beta, out=teacher_prob)
+            row_term = per_row(stats.kl_term) + math.log1p(-beta)
+        student_logp.sub_(subtrahend).mul_(scale).add_(folded_ce - scale * row_term).mul_(student_prob)
+    if ce_prob is not None:
+        logits.add_(ce_prob, alpha=ce_scale)
+    if ce_scale is not None:
+        _subtract_at_labels(logits, labels, ce_scale)
 
 
 def _unshifted_log_mixture(
-    student_prob: torch.Tensor, teacher_prob: torch.Tensor, beta: float
+    student_prob: torch.Tensor, teacher_prob: torch.Tensor, beta: float, out: torch.Tensor
 ) -> torch.Tensor:
-    """``log(p + beta / (1 - beta) q) = log m - log(1 - beta)`` as a new ``[r, V]`` tensor.
+    """``log(p + beta / (1 - beta) q) = log m - log(1 - beta)``, ``[r, V]`` into ``out``.
 
     Cheaper than ``logaddexp`` of the log-probs (an exp and a log1p per element) because
-    ``p`` and ``q`` are already at hand; the floor keeps it finite where both underflow.
+    ``p`` and ``q`` are at hand; the floor keeps it finite where both underflow. ``out`` may
+    alias ``teacher_prob``.
     """
-    mixture = torch.add(student_prob, teacher_prob, alpha=beta / (1.0 - beta))
+    mixture = torch.add(student_prob, teacher_prob, alpha=beta / (1.0 - beta), out=out)
     return mixture.clamp_min_(_FP32_TINY).log_()
 
 
-def _subtract_at_labels(grad: torch.Tensor, labels: torch.Tensor, value: torch.Tensor) -> None:
+def _subtract_at_labels(grad: torch.Tensor, labels: torch.Tensor, value: float) -> None:
     """``grad[i, labels[i]] -= value`` (the ``-onehot`` part of the CE gradient)."""
-    grad.scatter_add_(1, labels.unsqueeze(1), (-value).to(grad.dtype).expand(labels.size(0), 1))
+    grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((labels.size(0), 1), -value))
+
+
+def _new_buffer(rows: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(rows, vocab_size, dtype=torch.float32, device=device)
 
 
 def _block_rows(config: _Config, vocab_size: int, device: torch.device) -> int:
@@ -517,6 +541,9 @@ def _block_rows(config: _Config, vocab_size: int, device: torch.device) -> int:
     return max(1, _CPU_BLOCK_BYTES // (4 * vocab_size))
 
 
-def _is_zero(grad: torch.Tensor | None) -> bool:
-    """True for a missing or all-zero upstream grad (one host sync; lets us skip a term)."""
-    return grad is None or not bool(grad.ne(0).any())
+def _as_scale(grad: torch.Tensor | None) -> float | None:
+    """Upstream grad of a summed loss as a Python float; ``None`` if missing or zero."""
+    if grad is None:
+        return None
+    value = float(grad)
+    return value if value != 0.0 else None

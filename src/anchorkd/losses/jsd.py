@@ -69,11 +69,11 @@ def generalized_jsd_per_position(
         temperature: both logit tensors are divided by it before the softmax.
 
     Returns:
-        ``[...]`` fp32 divergence per position.
+        ``[...]`` divergence per position (fp32; fp64 for fp64 inputs).
     """
     _check_beta_temperature(beta, temperature)
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_logp = F.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
+    teacher_logp = F.log_softmax(_at_least_fp32(teacher_logits) / temperature, dim=-1)
     return _per_vocab_divergence(student_logp, teacher_logp, beta).sum(-1)
 
 
@@ -93,7 +93,8 @@ def generalized_jsd(
 
     Args:
         student_logits: ``[B, T, V]`` or ``[N, V]`` student logits, already aligned with
-            ``labels`` (the caller shifts). Computation is fp32 whatever the input dtype.
+            ``labels`` (the caller shifts). Computation is fp32 for fp32/bf16/fp16 inputs
+            (fp64 inputs stay fp64).
         teacher_logits: same shape as ``student_logits``.
         labels: ``[B, T]`` or ``[N]``; positions equal to ``ignore_index`` are excluded.
             ``None`` means every position counts.
@@ -119,8 +120,8 @@ def generalized_jsd(
     if mask is not None and mask.shape != student_logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} vs logits {tuple(student_logits.shape)}")
 
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_logp = F.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
+    teacher_logp = F.log_softmax(_at_least_fp32(teacher_logits) / temperature, dim=-1)
     per_vocab = _per_vocab_divergence(student_logp, teacher_logp, beta)  # [..., V]
 
     if convention == "trl":
@@ -179,7 +180,7 @@ def masked_ce(
         fp32 scalar.
     """
     total = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
+        _at_least_fp32(logits).reshape(-1, logits.size(-1)),
         labels.reshape(-1),
         ignore_index=ignore_index,
         reduction="sum",
@@ -204,6 +205,11 @@ def _per_vocab_divergence(
 def _kl_terms(target_logp: torch.Tensor, input_logp: torch.Tensor) -> torch.Tensor:
     """Element-wise terms of ``KL(target || input)``: ``exp(target) * (target - input)``."""
     return target_logp.exp() * (target_logp - input_logp)
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Upcast half / bfloat16 to fp32; fp64 stays fp64 (handy for high-precision references)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 def _safe_divide(total: torch.Tensor, denominator: int | torch.Tensor) -> torch.Tensor:
