@@ -232,7 +232,7 @@ class GKDTrainerWithMetrics(GKDTrainer):
             visual_mean, window_share, micro_visual_tokens = visual
             loss = loss + self.visual_kd.weight * visual_mean * window_share
             self._record_value(
-                mode, "vision_kd_loss", self.visual_kd.weight * visual_mean, micro_visual_tokens
+                mode, "vision_kd_loss", self.visual_kd.weight * visual_mean.detach(), micro_visual_tokens
             )
         self._capture.clear()
         self._record(mode, micro_metrics, micro_tokens, window_tokens, correct)
