@@ -124,6 +124,25 @@ def test_matches_reference_values_and_grads(beta, temperature, w, a):
         _assert_grads_close(grads, ref_grads)
 
 
+@pytest.mark.parametrize("beta", BETAS)
+def test_matches_swift_gkd_trainer_loss(beta):
+    """Directly against ms-swift: gkd_loss total / num_valid + sft_alpha * mean token CE."""
+    swift_gkd = pytest.importorskip("swift.rlhf_trainers.gkd_loss")
+    b = _batch(seed=15)
+    sft_alpha = 0.2
+    logits = _student_logits(b)
+    teacher = swift_gkd.TeacherOutput(full_logits=_teacher_logits(b), labels=b.labels)
+    total, num_valid = swift_gkd.gkd_loss(logits, teacher, b.labels, beta, 0.9)
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+    swift_loss = total / num_valid + sft_alpha * ce
+    swift_grads = torch.autograd.grad(swift_loss, _params(b))
+    out, grads = _fused(b, beta, 0.9, 1.0, sft_alpha, chunk_size=4)
+    _assert_rel_close(out.jsd + sft_alpha * out.ce, swift_loss.detach())
+    _assert_grads_close(grads, swift_grads)
+
+
 @pytest.mark.parametrize(
     ("chunk_size", "block_rows"), [(1, None), (3, None), (4, 3), (7, 2), (16, 16), (1000, 5)]
 )
