@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -43,11 +44,9 @@ def validate_dataset_entry(entry: str, key_path: str) -> int | None:
     return None
 
 
-def validate_jsonl(path: str | Path, check_images: bool = True) -> int:
-    """Check every line of an ms-swift JSONL file; raise DataError naming ``file:line``."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """Yield ``(line number, parsed JSON)`` for each non-blank line; DataError names ``file:line``."""
     path = Path(path)
-    count = 0
-    checked_images: set[str] = set()
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
@@ -59,18 +58,26 @@ def validate_jsonl(path: str | Path, check_images: bool = True) -> int:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     str(path), f"not valid JSON ({exc.msg} at column {exc.colno})", line_no
                 ) from None
-            _check_record(record, path, line_no)
-            if check_images:
-                for image in _image_paths(record, path, line_no):
-                    if image not in checked_images:
-                        _check_image(image, path, line_no)
-                        checked_images.add(image)
-            count += 1
+
+
+def validate_jsonl(path: str | Path, check_images: bool = True) -> int:
+    """Check every line of an ms-swift JSONL file; raise DataError naming ``file:line``."""
+    path = Path(path)
+    count = 0
+    checked_images: set[str] = set()
+    for line_no, record in iter_jsonl(path):
+        _check_record(record, path, line_no)
+        if check_images:
+            for image in _image_paths(record, path, line_no):
+                if image not in checked_images:
+                    _check_image(image, path, line_no)
+                    checked_images.add(image)
+        count += 1
     if count == 0:
         raise DataError(str(path), "the file holds no records")
     return count

@@ -50,6 +50,7 @@ def read_generations(path: str | Path) -> tuple[list[dict[str, Any]], Counter]:
     Every caption line is checked against the scorer's record schema here, so a bad line is reported
     as ``file:line`` rather than as "record 17" deep inside the metrics.
     """
+    from anchorkd.data.validate import iter_jsonl
     from anchorkd.eval.metrics import EvalRecord
 
     path = Path(path).expanduser()
@@ -57,30 +58,21 @@ def read_generations(path: str | Path) -> tuple[list[dict[str, Any]], Counter]:
         raise DataError(str(path), "generations file not found")
     records: list[dict[str, Any]] = []
     skipped: Counter = Counter()
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    str(path), f"not valid JSON ({error.msg} at column {error.colno})", line_no
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(str(path), "a line must be a JSON object", line_no)
-            style = record.get("style")
-            if isinstance(style, str) and style not in CAPTION_STYLES:
-                skipped[style] += 1
-                continue
-            try:
-                EvalRecord.model_validate(record)
-            except ValidationError as error:
-                problems = "; ".join(
-                    f"{'.'.join(map(str, item['loc'])) or 'record'}: {item['msg']}" for item in error.errors()
-                )
-                raise DataError(str(path), f"not a caption record ({problems})", line_no) from None
-            records.append(record)
+    for line_no, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise DataError(str(path), "a line must be a JSON object", line_no)
+        style = record.get("style")
+        if isinstance(style, str) and style not in CAPTION_STYLES:
+            skipped[style] += 1
+            continue
+        try:
+            EvalRecord.model_validate(record)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, item['loc'])) or 'record'}: {item['msg']}" for item in error.errors()
+            )
+            raise DataError(str(path), f"not a caption record ({problems})", line_no) from None
+        records.append(record)
     if not records:
         raise DataError(str(path), "holds no caption records (style 'general' or 'dense') to score")
     return records, skipped

@@ -74,16 +74,13 @@ def read_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]
     The whole file is validated before the first record is returned (anchorkd's training-data
     checks), so a bad line fails the run before any model time is spent, with ``file:line``.
     """
-    from anchorkd.data.validate import validate_jsonl
+    from anchorkd.data.validate import iter_jsonl, validate_jsonl
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(str(path), "data file not found")
     validate_jsonl(path)
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if line.strip():
-                yield line_no, json.loads(line)
+    yield from iter_jsonl(path)
 
 
 @dataclass(frozen=True)
