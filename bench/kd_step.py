@@ -730,7 +730,8 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - started
         predictions = [predictor.wall_s(run) for run in group]
         group_s = sum(p for p in predictions if p is not None)
-        over_budget = bool(args.budget_s) and elapsed + group_s > args.budget_s
+        # 10% + 15 s of slack: predictions are rough, and the table and JSON come after the last run.
+        over_budget = bool(args.budget_s) and elapsed + 1.1 * group_s + 15 > args.budget_s
         for run in group:
             index += 1
             label = f"[{index}/{total_runs}] round {run.round} seq {run.seq_len} {run.variant} ({run.steps} steps)"
