@@ -1,10 +1,10 @@
 """Step time and peak memory of KD training vs plain SFT, on the tiny Qwen3-VL (see docs/performance.md).
 
 One invocation builds the tiny model and a fixed data set (16 image + dense-caption samples per
-sequence length, batch 4), then trains every variant for a few steps, each run in its own process
-(``bench/_kd_step_worker.py``), interleaved over rounds::
-
-    for round in 1..R:  for seq_len in (450, 1800):  for variant in VARIANTS:  run one process
+sequence length, batch 4), then trains every variant for 3 steps, each run in its own process
+(``bench/_kd_step_worker.py``), interleaved over rounds (``for round: for seq_len: for variant``) in
+a priority order that a time budget (``--budget-s``, default 600 s) cuts from the end; see
+``make_plan``. Skipped runs are printed, shown in the table and listed in the JSON, never estimated.
 
 Variants (LoRA rank 8 on the language model, vision tower and aligner frozen, forward-only GKD with
 lmbda 0, beta 0.1, sft_alpha 1, temperature 1 wherever there is a KD term):
