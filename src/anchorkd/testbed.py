@@ -1,14 +1,16 @@
 """The anchoring testbed: does KL anchoring keep a fine-tuned model from drifting? Measured, end to end.
 
 On the embedded default (tiny Qwen3-VL, synthetic scenes) this runs the whole story a user cares about:
-1. ``base``: the random tiny model learns general captions for indoor *and* outdoor scenes plus text-only
-   chat (full fine-tuning, ``configs/testbed/base.yaml``). Built once and cached by a content hash of
+1. ``base``: the random tiny model learns general captions for indoor *and* outdoor scenes, the dense
+   box format on outdoor scenes only, plus text-only chat (full fine-tuning,
+   ``configs/testbed/base.yaml``). Built once and cached by a content hash of
    everything that determines it (model, data, config, sizes).
 2. Domain fine-tuning on indoor dense captions only, three ways, from the same base:
    ``sft`` (vanilla), ``gkd`` (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD).
-3. Each of base / sft / gkd / gkd_visual is evaluated on held-out outdoor images (general prompt: are
-   indoor domain objects named where there are none?), indoor images (dense prompt: field F1) and
-   text-only chat (perplexity vs the base), then compared in ``report.md`` / ``report.json`` / PNGs.
+3. Each of base / sft / gkd / gkd_visual is evaluated on held-out outdoor images (general and dense
+   prompt: are indoor domain objects named where there are none?), indoor images (dense prompt: field
+   F1) and text-only chat (perplexity vs the base), then compared in ``report.md`` / ``report.json`` /
+   PNGs.
 Several seeds (of the domain runs) give a mean and a spread per metric.
 """
 
@@ -32,6 +34,9 @@ RUN_CONFIGS = {
 }
 RUN_NAMES = ("base", *RUN_CONFIGS)
 BASE_CONFIG = "base.yaml"
+# Held-out outdoor images under both prompts (is indoor equipment named where there is none?) and
+# indoor images under the dense prompt (domain skill).
+EVAL_FILES = ("eval_outdoor.jsonl", "eval_outdoor_dense.jsonl", "eval_indoor.jsonl")
 HEADLINE_METRICS = (
     "ood_domain_object_rate",
     "chair_i",
@@ -108,12 +113,27 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _training_content_digest(jsonl: Path) -> str:
+    """Hash of what training reads from a JSONL file: the messages and the image bytes, in order.
+
+    ``meta`` (ground truth for the evaluator) and the images' absolute paths are left out, so the base
+    stays cached when only the domain / eval data change or the folder moves.
+    """
+    digest = hashlib.sha256()
+    with jsonl.open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            images = [_sha256_file(Path(image)) for image in record.get("images", [])]
+            digest.update(json.dumps([record["messages"], images], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
     """Hash of everything that determines the base checkpoint."""
     parts = {
         "model": json.loads((paths.model / "anchorkd_tiny.json").read_text()),
         "weights": _sha256_file(paths.model / "model.safetensors"),
-        "data": json.loads((paths.data / "manifest.json").read_text()),
+        "data": _training_content_digest(paths.data / "base_train.jsonl"),
         "config": (paths.configs / BASE_CONFIG).read_text(),
         "steps": sizes.base_steps,
         "batch": sizes.base_batch,
@@ -194,7 +214,7 @@ def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) ->
     evaluate_checkpoint(
         base,
         adapter,
-        [paths.data / "eval_outdoor.jsonl", paths.data / "eval_indoor.jsonl"],
+        [paths.data / name for name in EVAL_FILES],
         paths.data / "text_eval.jsonl",
         out,
         base_text_ppl=base_text_ppl,

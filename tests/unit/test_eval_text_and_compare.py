@@ -14,7 +14,7 @@ import pytest
 
 from anchorkd import cli
 from anchorkd.eval import text_eval
-from anchorkd.eval.compare import compare_runs, read_generations, score_generations
+from anchorkd.eval.compare import compare_runs, read_generations, run_metrics, score_generations
 from anchorkd.eval.provenance import file_sha256, git_revision, package_versions
 from anchorkd.eval.text_eval import EXIT_TEXT_REGRESSION, perplexity_change_pct
 
@@ -78,6 +78,9 @@ def test_score_counts_hallucinations_and_skips_text_records(tmp_path):
     assert summary["object_recall"] == 1.0
     assert summary["indomain_f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5)
     assert scores["skipped_records"] == {"text": 1}
+    # The compare step also reports the OOD rate per out-of-domain group (scene/style).
+    per_group = {k: v for k, v in run_metrics(scores).items() if k.startswith("ood_domain_object_rate_")}
+    assert per_group == {"ood_domain_object_rate_outdoor_general": 1.0}
     assert [s["id"] for s in scores["samples"]] == ["in-1", "out-1"]
     assert scores["generations"]["sha256"] == file_sha256(generations)
     assert scores["versions"]["anchorkd"] is not None

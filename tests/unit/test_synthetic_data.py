@@ -18,6 +18,7 @@ from anchorkd.data import synthetic
 from anchorkd.data.scenes import draw_scene
 from anchorkd.data.synthetic import (
     CAPTION_WORDS,
+    DEFAULT_BOX_GRID,
     DENSE_PROMPT,
     GENERAL_PROMPT,
     INDOOR_OBJECTS,
@@ -31,7 +32,15 @@ from anchorkd.data.synthetic import (
     parse_dense_caption,
 )
 
-IMAGE_SPLITS = ("base_train", "train", "val", "eval_indoor", "eval_indoor_general", "eval_outdoor")
+IMAGE_SPLITS = (
+    "base_train",
+    "train",
+    "val",
+    "eval_indoor",
+    "eval_indoor_general",
+    "eval_outdoor",
+    "eval_outdoor_dense",
+)
 # What every image split must hold: (scene kinds allowed, style, prompt).
 SPLIT_CONTENT = {
     "train": ({"indoor"}, "dense", DENSE_PROMPT),
@@ -39,6 +48,7 @@ SPLIT_CONTENT = {
     "eval_indoor": ({"indoor"}, "dense", DENSE_PROMPT),
     "eval_indoor_general": ({"indoor"}, "general", GENERAL_PROMPT),
     "eval_outdoor": ({"outdoor"}, "general", GENERAL_PROMPT),
+    "eval_outdoor_dense": ({"outdoor"}, "dense", DENSE_PROMPT),
 }
 
 
@@ -122,7 +132,8 @@ def test_record_schema(dataset):
     for split in SPLIT_FILES:
         records = read_jsonl(dataset[split])
         assert records, split
-        ids = [r["meta"]["id"] for r in records]
+        # An id names an image; base_train may hold one image under both prompts, never twice under one.
+        ids = [(r["meta"]["id"], r["meta"]["style"]) for r in records]
         assert len(ids) == len(set(ids)), f"duplicate ids in {split}"
         for rec in records:
             assert set(rec) <= {"messages", "images", "meta"}
@@ -144,7 +155,10 @@ def test_record_schema(dataset):
                 assert meta["scene"] in scenes and meta["style"] == style and user["content"] == prompt
             else:
                 assert split == "base_train"
-                assert meta["style"] == "general" and user["content"] == GENERAL_PROMPT
+                prompt = DENSE_PROMPT if meta["style"] == "dense" else GENERAL_PROMPT
+                assert user["content"] == prompt
+                # The base may know the box format, but never from an indoor (domain) image.
+                assert meta["style"] == "general" or meta["scene"] == "outdoor"
     for split in ("text", "text_eval"):
         assert all(r["meta"]["scene"] == "text" for r in read_jsonl(dataset[split]))
 
@@ -152,8 +166,16 @@ def test_record_schema(dataset):
 def test_base_train_mixes_both_scene_kinds_and_text_shuffled(dataset):
     records = read_jsonl(dataset["base_train"])
     sizes = SyntheticSizes.quick()
-    kinds = Counter(r["meta"]["scene"] for r in records)
-    assert kinds == {"indoor": sizes.base_images, "outdoor": sizes.base_images, "text": sizes.base_text}
+    kinds = Counter((r["meta"]["scene"], r["meta"]["style"]) for r in records)
+    assert kinds == {
+        ("indoor", "general"): sizes.base_images,
+        ("outdoor", "general"): sizes.base_images,
+        ("outdoor", "dense"): sizes.base_outdoor_dense,
+        ("text", "text"): sizes.base_text,
+    }
+    # The dense outdoor records reuse base images that also have a general caption.
+    general = {r["images"][0] for r in records if r["meta"]["style"] == "general"}
+    assert {r["images"][0] for r in records if r["meta"]["style"] == "dense"} <= general
     ids = [r["meta"]["id"] for r in records]
     assert ids != sorted(ids), "base_train is not shuffled"
     text_in_base = [r for r in records if r["meta"]["scene"] == "text"]
@@ -174,7 +196,13 @@ def test_images_exist_open_and_have_the_configured_size(dataset):
 
 def test_image_size_is_configurable(tmp_path):
     sizes = SyntheticSizes(
-        base_images=1, base_text=1, domain_train=2, domain_val=1, eval_indoor=1, image_size=96
+        base_images=1,
+        base_outdoor_dense=1,
+        base_text=1,
+        domain_train=2,
+        domain_val=1,
+        eval_indoor=1,
+        image_size=96,
     )
     splits = make_synthetic_data(tmp_path / "small", seed=5, sizes=sizes)
     for _, rec in image_records(splits):
@@ -187,7 +215,9 @@ def test_image_size_is_configurable(tmp_path):
 
 def test_dense_captions_round_trip_to_meta_objects(dataset):
     dense = [rec for _, rec in image_records(dataset) if rec["meta"]["style"] == "dense"]
-    assert len(dense) == sum(len(read_jsonl(dataset[s])) for s in ("train", "val", "eval_indoor"))
+    dense_splits = ("train", "val", "eval_indoor", "eval_outdoor_dense")
+    expected = sum(len(read_jsonl(dataset[s])) for s in dense_splits) + SyntheticSizes.quick().base_outdoor_dense
+    assert len(dense) == expected
     for rec in dense:
         parsed = parse_dense_caption(rec["messages"][1]["content"])
         expected = [(obj["name"], obj["box"]) for obj in rec["meta"]["objects"]]
@@ -252,7 +282,13 @@ def test_general_captions_name_present_objects_with_counts_and_nothing_else(data
 
 def test_general_captions_use_more_than_one_template(tmp_path):
     sizes = SyntheticSizes(
-        base_images=12, base_text=0, domain_train=0, domain_val=0, eval_outdoor=0, text_eval=0
+        base_images=12,
+        base_outdoor_dense=0,
+        base_text=0,
+        domain_train=0,
+        domain_val=0,
+        eval_outdoor=0,
+        text_eval=0,
     )
     splits = make_synthetic_data(tmp_path / "d", seed=2, sizes=sizes)
     openings = {r["messages"][1]["content"].split(" with ")[0][:18] for r in read_jsonl(splits["base_train"])}
@@ -268,8 +304,9 @@ def test_no_image_is_shared_between_splits(dataset):
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             assert not groups[a] & groups[b], (a, b)
-    # The general-prompt indoor eval file reuses exactly the held-out dense eval images.
+    # The general-prompt indoor / dense-prompt outdoor eval files reuse exactly the held-out images.
     assert {r["images"][0] for r in read_jsonl(dataset["eval_indoor_general"])} == groups["eval_indoor"]
+    assert {r["images"][0] for r in read_jsonl(dataset["eval_outdoor_dense"])} == groups["eval_outdoor"]
     digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for paths in groups.values() for p in paths]
     assert len(digests) == len(set(digests)), "two splits hold pixel-identical images"
 
@@ -351,6 +388,21 @@ def test_normalise_box_maps_pixels_onto_the_1000_grid():
     assert normalise_box((48, 96, 144, 100), 192) == [250, 500, 750, 521]
 
 
+def test_normalise_box_on_a_coarse_grid_rounds_outwards_and_never_collapses():
+    # 10 cells of 19.2 px: a box from 20 to 37 px sits inside cell 1 and keeps a width of one cell.
+    assert normalise_box((20, 20, 37, 37), 192, grid=10) == [1, 1, 2, 2]
+    assert normalise_box((0, 96, 192, 97), 192, grid=10) == [0, 5, 10, 6]
+    # Exact cell edges stay exact instead of spilling into the next cell.
+    assert normalise_box((0, 0, 96, 192), 192, grid=10) == [0, 0, 5, 10]
+
+
+def test_default_dense_captions_use_the_coarse_grid(dataset):
+    for _, rec in image_records(dataset):
+        for obj in rec["meta"]["objects"]:
+            x1, y1, x2, y2 = obj["box"]
+            assert 0 <= x1 < x2 <= DEFAULT_BOX_GRID and 0 <= y1 < y2 <= DEFAULT_BOX_GRID, obj
+
+
 # --- output folder safety -------------------------------------------------------------------------
 
 
@@ -390,6 +442,10 @@ def test_invalid_sizes_and_seed_are_rejected(tmp_path):
         SyntheticSizes(domain_train=-1)
     with pytest.raises(ValueError):
         SyntheticSizes(image_size=16)
+    with pytest.raises(ValueError, match="box_grid"):
+        SyntheticSizes(box_grid=0)
+    with pytest.raises(ValueError, match="base_outdoor_dense"):
+        SyntheticSizes(base_images=2, base_outdoor_dense=3)
     with pytest.raises(ValueError):
         make_synthetic_data(tmp_path / "data", seed=-1, sizes=SyntheticSizes.quick())
 
@@ -409,7 +465,9 @@ def test_manifest_counts_match_files(dataset):
     }
     sizes = SyntheticSizes.quick()
     assert manifest["counts"]["train.jsonl"] == sizes.domain_train
-    assert manifest["counts"]["base_train.jsonl"] == 2 * sizes.base_images + sizes.base_text
+    assert manifest["counts"]["base_train.jsonl"] == (
+        2 * sizes.base_images + sizes.base_outdoor_dense + sizes.base_text
+    )
     assert manifest["images"] == len(list((root / "images").glob("*.png")))
     assert manifest["images"] == (
         2 * sizes.base_images + sizes.domain_train + sizes.domain_val + sizes.eval_indoor + sizes.eval_outdoor

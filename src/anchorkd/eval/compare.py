@@ -163,6 +163,10 @@ def run_metrics(scores: Mapping[str, Any], text_eval: Mapping[str, Any] | None =
     metrics: dict[str, Any] = dict(scores["summary"])
     overall = scores.get("overall") or {}
     metrics.update({key: overall[key] for key in OVERALL_COUNTS if key in overall})
+    # The OOD rate per prompt style as well, e.g. ``ood_domain_object_rate_outdoor_dense``.
+    for group, values in (scores.get("groups") or {}).items():
+        if values.get("ood_captions"):
+            metrics[f"ood_domain_object_rate_{group.replace('/', '_')}"] = values["ood_domain_object_rate"]
     if text_eval is not None:
         metrics["text_ppl"] = _finite(text_eval.get("ppl"))
         metrics["text_nll"] = _finite(text_eval.get("nll"))
