@@ -373,12 +373,18 @@ def test_parse_dense_caption_is_tolerant_and_skips_malformed_lines():
             "tower [1, 2, 3, 4]",
             "",
             "sky: [0, 0, 1000, 420]",
+            "- patch panel: [0, 1, 2, 3]",
+            "-BBU: [4, 5, 6, 7]",
+            "- widget: [1, 1, 2, 2]",
         ]
     )
     assert parse_dense_caption(text) == [
         ("rack", [52, 104, 312, 958]),
         ("patch_panel", [1, 2, 3, 4]),
         ("sky", [0, 0, 1000, 420]),
+        ("patch_panel", [0, 1, 2, 3]),
+        ("bbu", [4, 5, 6, 7]),
+        ("widget", [1, 1, 2, 2]),
     ]
     assert parse_dense_caption("") == []
 
