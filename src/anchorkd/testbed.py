@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 logger = logging.getLogger("anchorkd")
 
 RUN_CONFIGS = {
@@ -55,7 +57,7 @@ class TestbedSizes:
     data: str = "default"  # SyntheticSizes preset: default | quick
     base_steps: int = 300
     base_batch: int = 8
-    domain_steps: int = 120
+    domain_steps: int = 100
     domain_batch: int = 4
     eval_limit: int = 40  # samples per eval file
     text_eval_limit: int | None = None
@@ -134,7 +136,8 @@ def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
         "model": json.loads((paths.model / "anchorkd_tiny.json").read_text()),
         "weights": _sha256_file(paths.model / "model.safetensors"),
         "data": _training_content_digest(paths.data / "base_train.jsonl"),
-        "config": (paths.configs / BASE_CONFIG).read_text(),
+        # Parsed, so that editing a comment does not retrain the base.
+        "config": yaml.safe_load((paths.configs / BASE_CONFIG).read_text()),
         "steps": sizes.base_steps,
         "batch": sizes.base_batch,
         "seed": seed,

@@ -50,6 +50,10 @@ def test_base_cache_key_ignores_meta_and_image_location(testbed):
     shutil.copy(testbed.data / "images" / "a.png", moved)
     _write_jsonl(testbed.data / "base_train.jsonl", _records(moved, meta_id="renamed"))
     assert tb.base_cache_key(testbed, tb.TestbedSizes(), seed=0) == key
+    # Nor does a comment in the recipe.
+    recipe = testbed.configs / "base.yaml"
+    recipe.write_text("# the base recipe\n" + recipe.read_text())
+    assert tb.base_cache_key(testbed, tb.TestbedSizes(), seed=0) == key
 
 
 @pytest.mark.parametrize(
