@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,16 @@ HALLUCINATION = MetricGroup(
     "Object hallucination (lower is better)",
     (
         MetricSpec("ood_domain_object_rate", "OOD domain-object rate", "lower", "fraction"),
+        # Per out-of-domain group, when the eval has outdoor images under both prompts (the testbed).
+        MetricSpec(
+            "ood_domain_object_rate_outdoor_dense", "OOD rate: outdoor, dense prompt", "lower", "fraction"
+        ),
+        MetricSpec(
+            "ood_domain_object_rate_outdoor_general",
+            "OOD rate: outdoor, general prompt",
+            "lower",
+            "fraction",
+        ),
         MetricSpec("chair_i", "CHAIR-i", "lower", "fraction"),
         MetricSpec("chair_s", "CHAIR-s", "lower", "fraction"),
     ),
@@ -349,7 +360,8 @@ def _finish_bar_axes(
     extents: list[tuple[float, float]],
 ) -> None:
     """Shared look of the bar charts; leaves room above/below the bars for their value labels."""
-    ax.set_xticks(range(len(categories)), categories)
+    # Wrapped, so that long metric names do not run into each other.
+    ax.set_xticks(range(len(categories)), [textwrap.fill(c, 18) for c in categories])
     ax.set_xlim(-0.6, len(categories) - 0.4)
     top = max([0.0, *(high for _, high in extents)])
     bottom = min([0.0, *(low for low, _ in extents)])
