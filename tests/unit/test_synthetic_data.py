@@ -216,7 +216,9 @@ def test_image_size_is_configurable(tmp_path):
 def test_dense_captions_round_trip_to_meta_objects(dataset):
     dense = [rec for _, rec in image_records(dataset) if rec["meta"]["style"] == "dense"]
     dense_splits = ("train", "val", "eval_indoor", "eval_outdoor_dense")
-    expected = sum(len(read_jsonl(dataset[s])) for s in dense_splits) + SyntheticSizes.quick().base_outdoor_dense
+    expected = (
+        sum(len(read_jsonl(dataset[s])) for s in dense_splits) + SyntheticSizes.quick().base_outdoor_dense
+    )
     assert len(dense) == expected
     for rec in dense:
         parsed = parse_dense_caption(rec["messages"][1]["content"])
