@@ -90,6 +90,15 @@ def test_writes_json_markdown_and_charts(tmp_path):
     assert "![Object hallucination](hallucination.png)" in markdown
 
 
+def test_long_metadata_stays_in_the_json(tmp_path):
+    per_seed = {str(seed): {"sft": {"chair_i": 0.1 * seed, "note": "x" * 40}} for seed in range(10)}
+    write_comparison_report(tmp_path, RUNS, metadata={"seeds": [0, 1], "per_seed": per_seed})
+    markdown = (tmp_path / "report.md").read_text()
+    assert "- **seeds**: [0, 1]" in markdown
+    assert "- **per_seed**: (long; see `report.json`)" in markdown
+    assert json.loads((tmp_path / "report.json").read_text())["metadata"]["per_seed"] == per_seed
+
+
 def test_charts_only_for_metrics_present_and_nan_becomes_null(tmp_path):
     runs = {"a": {"chair_i": 0.2}, "b": {"chair_i": float("nan"), "chair_s": 0.1}}
     written = write_comparison_report(tmp_path, runs)

@@ -267,6 +267,12 @@ def _example_section(number: int, example: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _metadata_cell(value: Any, max_chars: int = 300) -> str:
+    """A metadata value for the markdown header; long structures (per-seed tables) stay in report.json."""
+    text = str(value)
+    return _md_cell(text) if len(text) <= max_chars else "(long; see `report.json`)"
+
+
 def _render_markdown(
     title: str,
     runs: Mapping[str, Mapping[str, Any]],
@@ -276,7 +282,7 @@ def _render_markdown(
 ) -> str:
     lines = [f"# {title}", ""]
     if metadata:
-        lines += [f"- **{key}**: {_md_cell(str(value))}" for key, value in metadata.items()] + [""]
+        lines += [f"- **{key}**: {_metadata_cell(value)}" for key, value in metadata.items()] + [""]
     lines += [
         f"Runs: {', '.join(f'`{name}`' for name in runs)}. Best value per metric in **bold**; "
         "`± x` is the spread across seeds where given. Rates are % of captions (CHAIR-s, OOD rate) "
