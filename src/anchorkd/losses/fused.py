@@ -195,7 +195,7 @@ class _FusedCEJSD(torch.autograd.Function):
         config: _Config,
     ):
         ctx.set_materialize_grads(False)
-        n_rows, vocab_size = hidden.size(0), weight.size(0)
+        n_rows = hidden.size(0)
         device = hidden.device
         ce_sum = torch.zeros((), dtype=torch.float32, device=device)
         jsd_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -203,23 +203,15 @@ class _FusedCEJSD(torch.autograd.Function):
         stats = _RowStats.allocate(n_rows, config, device)
 
         if n_rows > 0:
-            student_head = _Head(weight, bias, scale=1.0)
-            teacher_head = (
-                _Head(teacher_weight, teacher_bias, 1.0 / config.temperature) if config.compute_jsd else None
+            sweep = _Sweep.plan(
+                config, n_rows, weight, bias, teacher_weight, teacher_bias, config.compute_jsd, 3, device
             )
-            chunk = min(config.chunk_size, n_rows)
-            block = min(_block_rows(config, vocab_size, device), chunk)
-            student_buf = _new_buffer(chunk, vocab_size, device)
-            teacher_buf = _new_buffer(chunk, vocab_size, device) if teacher_head else None
-            workspace = [_new_buffer(block, vocab_size, device) for _ in range(3 if teacher_head else 0)]
-            for start in range(0, n_rows, chunk):
-                end = min(start + chunk, n_rows)
-                logits = student_head.logits(hidden[start:end], student_buf)  # raw z
-                teacher_logits = (
-                    teacher_head.logits(teacher_hidden[start:end], teacher_buf) if teacher_head else None
-                )
-                for offset in range(0, end - start, block):
-                    local = slice(offset, min(offset + block, end - start))
+            for start in range(0, n_rows, sweep.chunk):
+                end = min(start + sweep.chunk, n_rows)
+                logits = sweep.student_head.logits(hidden[start:end], sweep.student_buf)  # raw z
+                teacher_logits = sweep.teacher_logits(teacher_hidden, start, end)
+                for offset in range(0, end - start, sweep.block):
+                    local = slice(offset, min(offset + sweep.block, end - start))
                     rows = slice(start + local.start, start + local.stop)
                     ce_part, jsd_part, correct_part = _forward_block(
                         logits[local],
@@ -228,7 +220,7 @@ class _FusedCEJSD(torch.autograd.Function):
                         stats,
                         rows,
                         config,
-                        workspace,
+                        sweep.workspace,
                     )
                     ce_sum += ce_part
                     jsd_sum += jsd_part
@@ -266,27 +258,17 @@ class _FusedCEJSD(torch.autograd.Function):
         grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
 
         if n_rows > 0 and (ce_scale is not None or jsd_scale is not None):
-            student_head = _Head(weight, bias, scale=1.0)
-            teacher_head = (
-                _Head(teacher_weight, teacher_bias, 1.0 / config.temperature)
-                if jsd_scale is not None
-                else None
+            sweep = _Sweep.plan(
+                config, n_rows, weight, bias, teacher_weight, teacher_bias, jsd_scale is not None, 2, device
             )
-            chunk = min(config.chunk_size, n_rows)
-            block = min(_block_rows(config, vocab_size, device), chunk)
-            logits_buf = _new_buffer(chunk, vocab_size, device)
-            teacher_buf = _new_buffer(chunk, vocab_size, device) if teacher_head else None
-            workspace = [_new_buffer(block, vocab_size, device) for _ in range(2 if teacher_head else 0)]
-            for start in range(0, n_rows, chunk):
-                end = min(start + chunk, n_rows)
+            for start in range(0, n_rows, sweep.chunk):
+                end = min(start + sweep.chunk, n_rows)
                 hidden_chunk = hidden[start:end].float()
                 # The recomputed logits are overwritten, block by block, with d total / d logits.
-                grad_logits = student_head.logits(hidden_chunk, logits_buf)
-                teacher_logits = (
-                    teacher_head.logits(teacher_hidden[start:end], teacher_buf) if teacher_head else None
-                )
-                for offset in range(0, end - start, block):
-                    local = slice(offset, min(offset + block, end - start))
+                grad_logits = sweep.student_head.logits(hidden_chunk, sweep.student_buf)
+                teacher_logits = sweep.teacher_logits(teacher_hidden, start, end)
+                for offset in range(0, end - start, sweep.block):
+                    local = slice(offset, min(offset + sweep.block, end - start))
                     rows = slice(start + local.start, start + local.stop)
                     _backward_block(
                         grad_logits[local],
@@ -297,10 +279,10 @@ class _FusedCEJSD(torch.autograd.Function):
                         ce_scale,
                         jsd_scale,
                         config,
-                        workspace,
+                        sweep.workspace,
                     )
                 if need_hidden:
-                    torch.mm(grad_logits, student_head.weight, out=grad_hidden[start:end])
+                    torch.mm(grad_logits, sweep.student_head.weight, out=grad_hidden[start:end])
                 if need_weight:
                     grad_weight.addmm_(grad_logits.T, hidden_chunk)
                 if need_bias:
@@ -335,6 +317,57 @@ class _Head:
         if self.bias is None:
             return torch.mm(hidden, self.weight.T, out=out)
         return torch.addmm(self.bias, hidden, self.weight.T, beta=self.scale, out=out)
+
+
+@dataclass
+class _Sweep:
+    """What one pass over the rows (forward, or backward's recompute) uses: the LM heads, the chunk
+    and block sizes, and fp32 buffers allocated once and reused by every chunk."""
+
+    student_head: _Head
+    teacher_head: _Head | None
+    chunk: int
+    block: int
+    student_buf: torch.Tensor  # [chunk, V]
+    teacher_buf: torch.Tensor | None  # [chunk, V]
+    workspace: list[torch.Tensor]  # [block, V] scratch, only with a teacher
+
+    @staticmethod
+    def plan(
+        config: _Config,
+        n_rows: int,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        teacher_weight: torch.Tensor | None,
+        teacher_bias: torch.Tensor | None,
+        with_teacher: bool,
+        workspace_blocks: int,
+        device: torch.device,
+    ) -> _Sweep:
+        vocab_size = weight.size(0)
+        chunk = min(config.chunk_size, n_rows)
+        block = min(_block_rows(config, vocab_size, device), chunk)
+        return _Sweep(
+            student_head=_Head(weight, bias, scale=1.0),
+            teacher_head=(
+                _Head(teacher_weight, teacher_bias, 1.0 / config.temperature) if with_teacher else None
+            ),
+            chunk=chunk,
+            block=block,
+            student_buf=_new_buffer(chunk, vocab_size, device),
+            teacher_buf=_new_buffer(chunk, vocab_size, device) if with_teacher else None,
+            workspace=[
+                _new_buffer(block, vocab_size, device) for _ in range(workspace_blocks if with_teacher else 0)
+            ],
+        )
+
+    def teacher_logits(
+        self, teacher_hidden: torch.Tensor | None, start: int, end: int
+    ) -> torch.Tensor | None:
+        """Tempered teacher logits of rows ``start:end`` (``None`` without a teacher)."""
+        if self.teacher_head is None:
+            return None
+        return self.teacher_head.logits(teacher_hidden[start:end], self.teacher_buf)
 
 
 @dataclass
