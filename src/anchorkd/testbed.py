@@ -121,12 +121,12 @@ def _training_content_digest(jsonl: Path) -> str:
     ``meta`` (ground truth for the evaluator) and the images' absolute paths are left out, so the base
     stays cached when only the domain / eval data change or the folder moves.
     """
+    from .data.validate import iter_jsonl
+
     digest = hashlib.sha256()
-    with jsonl.open(encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            images = [_sha256_file(Path(image)) for image in record.get("images", [])]
-            digest.update(json.dumps([record["messages"], images], sort_keys=True).encode())
+    for _, record in iter_jsonl(jsonl):
+        images = [_sha256_file(Path(image)) for image in record.get("images", [])]
+        digest.update(json.dumps([record["messages"], images], sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -217,7 +217,7 @@ def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) ->
     evaluate_checkpoint(
         base,
         adapter,
-        [paths.data / name for name in EVAL_FILES],
+        [paths.data / filename for filename in EVAL_FILES],
         paths.data / "text_eval.jsonl",
         out,
         base_text_ppl=base_text_ppl,

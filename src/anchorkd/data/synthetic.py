@@ -675,8 +675,8 @@ def make_synthetic_data(
     """Generate the whole synthetic data set into ``out_dir`` and return ``{split: jsonl path}``.
 
     Files written (see ``SPLIT_FILES``): ``base_train.jsonl`` (general captions of indoor and outdoor
-    images, dense captions of outdoor images, text-only chat; shuffled), ``train.jsonl`` / ``val.jsonl`` (indoor images, dense
-    prompt and caption), ``text.jsonl`` (the text-only samples that are in the base set),
+    images, dense captions of outdoor images, text-only chat; shuffled), ``train.jsonl`` /
+    ``val.jsonl`` (indoor images, dense prompt and caption), ``text.jsonl`` (the text-only samples that are in the base set),
     ``text_eval.jsonl`` (held-out text-only samples), ``eval_indoor.jsonl`` (held-out indoor images,
     dense), ``eval_indoor_general.jsonl`` (the same images, general prompt), ``eval_outdoor.jsonl``
     (held-out outdoor images, general), ``eval_outdoor_dense.jsonl`` (the same images, dense prompt:
