@@ -79,7 +79,7 @@ def _ensure_src_on_path() -> None:
 
 def model_sizes(size: str):
     """``tiny``: the project's default tiny model; ``large``: text hidden 1024, 8 layers (for GPUs)."""
-    from anchorkd.models.tiny import TinyQwen3VLSizes
+    from anchorkd.demo.tiny_model import TinyQwen3VLSizes
 
     if size == "tiny":
         return TinyQwen3VLSizes()
@@ -95,7 +95,7 @@ def model_sizes(size: str):
 
 
 def build_model(out_dir: Path, size: str) -> Path:
-    from anchorkd.models.tiny import make_tiny_model
+    from anchorkd.demo.tiny_model import make_tiny_model
 
     return make_tiny_model(out_dir, seed=0, sizes=model_sizes(size))
 
@@ -116,7 +116,7 @@ _ATTRIBUTES = (
 
 def _caption_lines(rng, objects: list[dict]):
     """An endless dense caption: the scene's real objects first, then more boxed parts of the room."""
-    from anchorkd.data.scenes import INDOOR_OBJECTS
+    from anchorkd.demo.scenes import INDOOR_OBJECTS
 
     for obj in objects:
         yield f"{obj['name']}: [{', '.join(str(v) for v in obj['box'])}]\n"
@@ -147,8 +147,8 @@ def build_data(out_dir: Path, seq_len: int, tokenizer, seed: int = 0) -> DataSet
     """``NUM_SAMPLES`` samples (one synthetic equipment-room image, a dense caption) of ~``seq_len`` tokens."""
     import numpy as np
 
-    from anchorkd.data.scenes import draw_scene
-    from anchorkd.data.synthetic import DENSE_PROMPT, scene_annotations
+    from anchorkd.demo.scenes import draw_scene
+    from anchorkd.demo.synthetic import DENSE_PROMPT, scene_annotations
 
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -699,7 +699,7 @@ def main(argv=None) -> int:
 
     from transformers import Qwen2TokenizerFast
 
-    from anchorkd.models.tiny import tokenizer_files_dir
+    from anchorkd.demo.tiny_model import tokenizer_files_dir
 
     model = workdir / f"model-{args.model_size}"
     if not model.exists():

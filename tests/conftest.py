@@ -34,14 +34,14 @@ def clean_tb_env():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from anchorkd.models.tiny import make_tiny_model
+    from anchorkd.demo.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-vl", seed=0)
 
 
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory) -> Path:
-    from anchorkd.data.synthetic import SyntheticSizes, make_synthetic_data
+    from anchorkd.demo.synthetic import SyntheticSizes, make_synthetic_data
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     make_synthetic_data(out, seed=0, sizes=SyntheticSizes.quick())

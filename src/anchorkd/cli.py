@@ -74,7 +74,7 @@ def _cmd_check(ns) -> int:
 
 
 def _cmd_make_tiny_model(ns) -> int:
-    from .models.tiny import make_tiny_model
+    from .demo.tiny_model import make_tiny_model
 
     path = make_tiny_model(ns.out, seed=ns.seed)
     print(f"tiny Qwen3-VL checkpoint written to {path}")
@@ -82,7 +82,7 @@ def _cmd_make_tiny_model(ns) -> int:
 
 
 def _cmd_make_synthetic_data(ns) -> int:
-    from .data.synthetic import SyntheticSizes, make_synthetic_data
+    from .demo.synthetic import SyntheticSizes, make_synthetic_data
 
     sizes = SyntheticSizes.quick() if ns.quick else SyntheticSizes()
     files = make_synthetic_data(ns.out, seed=ns.seed, sizes=sizes, overwrite=ns.overwrite)
@@ -92,7 +92,7 @@ def _cmd_make_synthetic_data(ns) -> int:
 
 
 def _cmd_report(ns) -> int:
-    from .eval.telemetry_report import make_telemetry_report
+    from .monitor.report import make_telemetry_report
 
     summary = make_telemetry_report(ns.run_dir, ns.out, alert_config=_run_monitor_config(ns.run_dir))
     for path in summary["files"]:
@@ -111,7 +111,7 @@ def _run_monitor_config(run_dir: str):
     from .config.loader import RESOLVED_CONFIG_NAME
     from .config.schema import MonitorConfig
     from .config.yaml_io import read_yaml_mapping
-    from .eval.telemetry_report import find_logging_jsonl
+    from .monitor.report import find_logging_jsonl
 
     resolved = find_logging_jsonl(run_dir).parent / RESOLVED_CONFIG_NAME
     if not resolved.is_file():
@@ -121,7 +121,7 @@ def _run_monitor_config(run_dir: str):
 
 
 def _cmd_demo(ns) -> int:
-    from .testbed import HEADLINE_METRICS, TestbedSizes, run_testbed
+    from .demo.testbed import HEADLINE_METRICS, TestbedSizes, run_testbed
 
     sizes = TestbedSizes.quick() if ns.quick else TestbedSizes()
     result = run_testbed(ns.root, ns.configs, seeds=tuple(ns.seeds), sizes=sizes, runs=tuple(ns.runs))
@@ -142,7 +142,7 @@ def _cmd_demo(ns) -> int:
 
 
 def _cmd_prepare_demo(ns) -> int:
-    from .demo_assets import prepare_demo_assets
+    from .demo.assets import prepare_demo_assets
 
     for name, path in prepare_demo_assets(ns.root, seed=ns.seed, quick=ns.quick).items():
         print(f"{name}: {path}")
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     ns.argv = argv
-    from .config.errors import ConfigError, DataError
-    from .eval.telemetry_report import TelemetryFormatError
+    from .errors import ConfigError, DataError
+    from .monitor.report import TelemetryFormatError
 
     try:
         return ns.handler(ns)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from anchorkd.cli import main
-from anchorkd.testbed import HEADLINE_METRICS, RUN_NAMES
+from anchorkd.demo.testbed import HEADLINE_METRICS, RUN_NAMES
 
 pytestmark = pytest.mark.integration
 TESTBED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "testbed"

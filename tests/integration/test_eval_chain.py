@@ -12,8 +12,8 @@ import math
 import pytest
 
 from anchorkd import cli
+from anchorkd.demo.tiny_model import QWEN_VOCAB_SIZE
 from anchorkd.eval.compare import evaluate_checkpoint
-from anchorkd.models.tiny import QWEN_VOCAB_SIZE
 
 pytestmark = pytest.mark.integration
 

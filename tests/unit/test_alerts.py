@@ -7,7 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from anchorkd.eval.alerts import AlertConfig, AlertMonitor, normalize_metric_name, replay_alerts
+from anchorkd.monitor.alerts import AlertConfig, AlertMonitor, normalize_metric_name, replay_alerts
 
 
 def feed(monitor: AlertMonitor, metric: str, values: list[float], first_step: int = 1):

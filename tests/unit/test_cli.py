@@ -130,7 +130,7 @@ def test_make_tiny_model_refuses_a_non_empty_dir(tmp_path, capsys):
 
 
 def test_make_synthetic_data_quick_writes_the_files(tmp_path, capsys):
-    from anchorkd.data.synthetic import MANIFEST_FILE, SPLIT_FILES
+    from anchorkd.demo.synthetic import MANIFEST_FILE, SPLIT_FILES
 
     out = tmp_path / "data"
     code = main(["make-synthetic-data", str(out), "--quick"])

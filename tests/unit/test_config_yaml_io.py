@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anchorkd.config.errors import ConfigError
 from anchorkd.config.yaml_io import (
     apply_overrides,
     deep_merge,
@@ -16,6 +15,7 @@ from anchorkd.config.yaml_io import (
     read_yaml_mapping,
     resolve_references,
 )
+from anchorkd.errors import ConfigError
 
 
 def write(path: Path, data) -> Path:

@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from anchorkd.eval.alerts import AlertConfig
 from anchorkd.eval.lexicon import lexicon_from_mapping
 from anchorkd.eval.metrics import score_captions
 from anchorkd.eval.report import (
@@ -19,7 +18,8 @@ from anchorkd.eval.report import (
     mark_spans,
     write_comparison_report,
 )
-from anchorkd.eval.telemetry_report import TelemetryFormatError, make_telemetry_report, read_logging_jsonl
+from anchorkd.monitor.alerts import AlertConfig
+from anchorkd.monitor.report import TelemetryFormatError, make_telemetry_report, read_logging_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

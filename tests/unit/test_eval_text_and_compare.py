@@ -117,7 +117,7 @@ def test_score_names_file_and_line_of_a_bad_record(tmp_path, capsys, bad_line, m
 
 
 def test_score_rejects_a_file_without_captions(tmp_path):
-    from anchorkd.config.errors import DataError
+    from anchorkd.errors import DataError
 
     with pytest.raises(DataError, match="no caption records"):
         read_generations(write_jsonl(tmp_path / "generations.jsonl", [GENERATIONS[2]]))

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anchorkd.data import synthetic
-from anchorkd.data.scenes import draw_scene
-from anchorkd.data.synthetic import (
+from anchorkd.demo import synthetic
+from anchorkd.demo.scenes import draw_scene
+from anchorkd.demo.synthetic import (
     CAPTION_WORDS,
     DEFAULT_BOX_GRID,
     DENSE_PROMPT,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anchorkd import testbed as tb
+from anchorkd.demo import testbed as tb
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from anchorkd.models.tiny import QWEN_VOCAB_SIZE, make_tiny_model
+from anchorkd.demo.tiny_model import QWEN_VOCAB_SIZE, make_tiny_model
 
 IMAGE_PAD_ID = 151655  # hard-coded by ms-swift's qwen3_vl template
 VIDEO_PAD_ID = 151656

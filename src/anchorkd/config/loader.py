@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
-from .errors import ConfigError, ConfigErrors
 from .schema import AnchorRlhfKnobs, CustomConfig, validate_model
 from .yaml_io import apply_overrides, load_yaml_with_extends, resolve_references
 

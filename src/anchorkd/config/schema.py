@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..eval.alerts import AlertConfig
-from .errors import ConfigError, ConfigErrors
+from ..errors import ConfigError, ConfigErrors
+from ..monitor.alerts import AlertConfig
 
 
 class StrictModel(BaseModel):
@@ -74,7 +74,7 @@ class VisualKDConfig(StrictModel):
 
 class MonitorConfig(AlertConfig):
     """``custom.monitor``: the live training alerts (written to ``alerts.jsonl``); thresholds as in
-    :class:`anchorkd.eval.alerts.AlertConfig`."""
+    :class:`anchorkd.monitor.alerts.AlertConfig`."""
 
     enabled: bool = True
 

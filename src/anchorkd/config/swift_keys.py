@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SECTIONS = ("model", "data", "template", "tuner", "training", "rlhf", "custom")
 SWIFT_SECTIONS = ("model", "data", "template", "tuner", "training", "rlhf")

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 class _Yaml12BoolLoader(yaml.SafeLoader):

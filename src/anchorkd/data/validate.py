@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..config.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 

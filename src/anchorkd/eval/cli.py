@@ -110,7 +110,7 @@ def _cmd_text(ns) -> int:
 
 
 def _cmd_compare(ns) -> int:
-    from ..config.errors import ConfigError
+    from ..errors import ConfigError
     from .compare import compare_runs
 
     runs: dict[str, Path] = {}

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from anchorkd.config.errors import ConfigError, DataError
+from anchorkd.errors import ConfigError, DataError
 from anchorkd.eval.generate import DEFAULT_MODEL_TYPE
 from anchorkd.eval.provenance import describe_file, run_provenance
 from anchorkd.eval.text_eval import DEFAULT_MAX_REGRESSION_PCT, TEXT_EVAL_FILE, perplexity_change_pct

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anchorkd.config.errors import ConfigError, DataError
+from anchorkd.errors import ConfigError, DataError
 from anchorkd.eval.provenance import describe_file, run_provenance
 
 logger = logging.getLogger(__name__)

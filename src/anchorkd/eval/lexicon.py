@@ -52,8 +52,10 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_LEXICON_PATH = Path(__file__).resolve().parents[3] / "configs" / "lexicons" / "telecom_default.yaml"
-"""The telecom lexicon shipped in the repository (resolved from a source checkout)."""
+from anchorkd.resources import default_lexicon_path
+
+DEFAULT_LEXICON_PATH = default_lexicon_path()
+"""The telecom lexicon shipped with the package."""
 
 _SEPARATORS = re.compile(r"[\s_\-]+")
 _WORD_CHAR = "[a-z0-9]"

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anchorkd.config.errors import ConfigError, DataError
+from anchorkd.errors import ConfigError, DataError
 from anchorkd.eval.generate import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model, read_jsonl_records
 from anchorkd.eval.provenance import describe_file, run_provenance
 

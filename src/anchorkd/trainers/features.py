@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from ..config.errors import ConfigError
+from ..errors import ConfigError
 
 STUDENT = "student"
 TEACHER = "teacher"

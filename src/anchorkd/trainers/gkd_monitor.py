@@ -26,8 +26,8 @@ from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rlhf_trainers.gkd_trainer import GKDTrainer
 from swift.trainers import disable_gradient_checkpointing
 
-from ..config.errors import ConfigError
 from ..config.schema import CustomConfig
+from ..errors import ConfigError
 from ..losses.fused import fused_ce_jsd
 from ..losses.jsd import IGNORE_INDEX, generalized_jsd, masked_ce
 from ..losses.visual import visual_kd_loss

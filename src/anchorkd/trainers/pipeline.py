@@ -50,7 +50,7 @@ def build_trainer(pipeline, train_dataset, val_dataset):
     )
     monitor = getattr(getattr(args, "anchorkd_custom", None), "monitor", None)
     if monitor is not None and monitor.enabled:
-        from .callbacks import AlertCallback
+        from ..monitor.callback import AlertCallback
 
         trainer.add_callback(AlertCallback(monitor, args.output_dir))
     pipeline.trainer = trainer

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.errors import ConfigError
+from ..errors import ConfigError
 
 IMAGE_PROCESSOR_KEYS = (
     "size",

@@ -121,7 +121,7 @@ def _training_content_digest(jsonl: Path) -> str:
     ``meta`` (ground truth for the evaluator) and the images' absolute paths are left out, so the base
     stays cached when only the domain / eval data change or the folder moves.
     """
-    from .data.validate import iter_jsonl
+    from ..data.validate import iter_jsonl
 
     digest = hashlib.sha256()
     for _, record in iter_jsonl(jsonl):
@@ -146,7 +146,7 @@ def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
 
 
 def _train(config: Path, overrides: list[str]) -> dict:
-    from .trainers.pipeline import run_training
+    from ..trainers.pipeline import run_training
 
     return run_training(config, overrides)
 
@@ -210,7 +210,7 @@ def train_domain_run(name: str, paths: TestbedPaths, base: Path, sizes: TestbedS
 
 
 def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) -> Path:
-    from .eval.compare import evaluate_checkpoint
+    from ..eval.compare import evaluate_checkpoint
 
     out = paths.seed_dir(seed) / "eval" / name
     shutil.rmtree(out, ignore_errors=True)
@@ -254,10 +254,10 @@ def run_testbed(
     sizes: TestbedSizes | None = None,
     runs: tuple[str, ...] = tuple(RUN_CONFIGS),
 ) -> TestbedResult:
-    from .data.synthetic import SyntheticSizes, make_synthetic_data
-    from .eval.compare import compare_runs, example_captions
-    from .eval.report import write_comparison_report
-    from .models.tiny import make_tiny_model
+    from ..eval.compare import compare_runs, example_captions
+    from ..eval.report import write_comparison_report
+    from .synthetic import SyntheticSizes, make_synthetic_data
+    from .tiny_model import make_tiny_model
 
     sizes = sizes or TestbedSizes()
     paths = TestbedPaths(Path(root).resolve(), Path(configs).resolve())

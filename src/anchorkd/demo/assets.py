@@ -18,8 +18,8 @@ def prepare_demo_assets(
     root: str | Path = DEFAULT_DEMO_ROOT, seed: int = 0, quick: bool = False
 ) -> dict[str, Path]:
     """Build (or reuse) ``root/tiny-qwen3-vl`` and ``root/data``; return their paths."""
-    from .data.synthetic import MANIFEST_FILE, SyntheticSizes, make_synthetic_data
-    from .models.tiny import make_tiny_model
+    from .synthetic import MANIFEST_FILE, SyntheticSizes, make_synthetic_data
+    from .tiny_model import make_tiny_model
 
     root = Path(root)
     model_dir = root / TINY_MODEL_DIR

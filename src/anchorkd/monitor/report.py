@@ -2,7 +2,7 @@
 
 The report answers "did the loss terms behave?" after the fact: it plots every loss term and token
 accuracy against the step (train and eval series in one subplot per term), replays the same
-:class:`~anchorkd.eval.alerts.AlertMonitor` rules the live trainer callback uses, and writes
+:class:`~anchorkd.monitor.alerts.AlertMonitor` rules the live trainer callback uses, and writes
 ``telemetry.png`` and ``telemetry_report.md`` listing the alerts.
 
 ``logging.jsonl`` holds one JSON object per logged step. Keys understood:
@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 from matplotlib.figure import Figure
 
-from anchorkd.eval.alerts import Alert, AlertConfig, AlertMonitor, normalize_metric_name
 from anchorkd.eval.report import atomic_write_text, save_figure
+from anchorkd.monitor.alerts import Alert, AlertConfig, AlertMonitor, normalize_metric_name
 
 LOGGING_FILE = "logging.jsonl"
 EVAL_PREFIXES = ("eval_", "eval/")

@@ -1,4 +1,4 @@
-"""Live training alerts: the rules of ``anchorkd.eval.alerts`` applied to each log record as it is made.
+"""Live training alerts: the rules of ``anchorkd.monitor.alerts`` applied to each log record as it is made.
 
 An alert is a warning in the training log and a line in ``<output_dir>/alerts.jsonl``, so a dashboard
 or a CI gate can watch the file while the run goes on (``anchorkd report`` lists the same alerts later).
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..eval.alerts import AlertConfig, AlertMonitor
+from .alerts import AlertConfig, AlertMonitor
 
 logger = logging.getLogger("anchorkd")
 ALERTS_FILE = "alerts.jsonl"

@@ -11,7 +11,7 @@ small data set generator instead of downloading one. The data set mirrors the re
 Boxes in captions are integers ``[x1, y1, x2, y2]`` on a square grid: Qwen-VL's 0..1000 grid when
 ``SyntheticSizes.box_grid`` is 1000, or a coarser one (the default, 0..10) that a 20M-parameter model
 can actually learn to read off 36 image tokens. Boxes are rounded outwards, so a box always encloses
-its object. The drawing of the scenes lives in :mod:`anchorkd.data.scenes`.
+its object. The drawing of the scenes lives in :mod:`anchorkd.demo.scenes`.
 
 Everything is a pure function of the seed: every image has its own random stream, derived from the
 seed, the split and the image index, so output is byte-identical between runs and an eval image does
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from anchorkd.data.scenes import (
+from anchorkd.demo.scenes import (
     INDOOR,
     INDOOR_OBJECTS,
     MAX_IMAGE_SIZE,
