@@ -18,9 +18,9 @@ def _torchrun_relaunch(argv: list[str]) -> int | None:
 
     if "LOCAL_RANK" in os.environ:
         return None  # already a torchrun worker
-    from swift.cli.main import get_torchrun_args
+    from .swift_seam import torchrun_args as swift_torchrun_args
 
-    torchrun_args = get_torchrun_args()
+    torchrun_args = swift_torchrun_args()
     if torchrun_args is None:
         return None
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "anchorkd.cli", *argv]
@@ -44,14 +44,16 @@ def _cmd_train(ns) -> int:
 
 
 def _cmd_validate(ns) -> int:
+    from .checks import check_run
     from .config import ConfigLoader
 
-    loaded = ConfigLoader.load_training_config(ns.config, ns.overrides, create_output_dir=False)
-    config = loaded.config
-    print(f"{ns.config}: OK ({config.mode}, {type(loaded.train_args).__name__})")
+    config = check_run(ns.config, ns.overrides)
+    settings = ConfigLoader.build_settings(config, create_output_dir=False)
+    anchor = settings.anchor
+    print(f"{ns.config}: OK ({anchor.mode}, {type(settings.train_args).__name__})")
     print(
-        f"  trainer_variant={config.custom.trainer_variant} llm_kd_weight={config.llm_kd_weight} "
-        f"visual_kd={'on' if config.visual_kd_active else 'off'}"
+        f"  trainer_variant={anchor.trainer_variant} llm_kd_weight={anchor.llm_kd_weight} "
+        f"visual_kd={'on' if anchor.visual_kd_active else 'off'} teacher={anchor.teacher_mode}"
     )
     if ns.print:
         print(config.to_yaml())
@@ -59,10 +61,10 @@ def _cmd_validate(ns) -> int:
 
 
 def _cmd_check(ns) -> int:
-    from .config import ConfigLoader
+    from .checks import check_run
     from .trainers.preflight import run_preflight
 
-    config = ConfigLoader.resolve(ns.config, ns.overrides)
+    config = check_run(ns.config, ns.overrides, teacher=False)
     if config.mode != "gkd":
         print(f"{ns.config}: no teacher in this run ({config.mode}); nothing to compare")
         return 0
@@ -107,17 +109,12 @@ def _cmd_report(ns) -> int:
 
 def _run_monitor_config(run_dir: str):
     """The run's own ``custom.monitor`` thresholds, when its resolved config is there."""
-
     from .config.loader import RESOLVED_CONFIG_NAME
-    from .config.schema import MonitorConfig
-    from .config.yaml_io import read_yaml_mapping
+    from .config.settings import monitor_settings_of_run
     from .monitor.report import find_logging_jsonl
 
     resolved = find_logging_jsonl(run_dir).parent / RESOLVED_CONFIG_NAME
-    if not resolved.is_file():
-        return None
-    monitor = (read_yaml_mapping(resolved).get("custom") or {}).get("monitor") or {}
-    return MonitorConfig.model_validate(monitor)
+    return monitor_settings_of_run(resolved) if resolved.is_file() else None
 
 
 def _cmd_demo(ns) -> int:

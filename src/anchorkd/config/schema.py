@@ -16,7 +16,7 @@ from ..monitor.alerts import AlertConfig
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _non_negative_finite_number(value, what: str):
@@ -85,7 +85,8 @@ class CustomConfig(StrictModel):
     trainer_variant: Literal["default", "gkd_monitor"] = "default"
     visual_kd: VisualKDConfig = Field(default_factory=VisualKDConfig)
     kd_loss_impl: Literal["fused", "reference"] = "fused"
-    kd_chunk_size: Annotated[int, Field(gt=0)] = 1024
+    # None: the fused loss's own default (anchorkd.losses.fused.DEFAULT_CHUNK_SIZE), the one default.
+    kd_chunk_size: Annotated[int, Field(gt=0)] | None = None
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
 
