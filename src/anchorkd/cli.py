@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", nargs="+", default=["sft", "gkd", "gkd_visual"], choices=["sft", "gkd", "gkd_visual"]
     )
     demo.add_argument("--root", default="outputs/testbed", help="where assets, cache, runs and the report go")
-    demo.add_argument("--configs", default="configs/testbed", help="testbed recipe folder")
+    demo.add_argument(
+        "--configs", default=None, help="testbed recipe folder (default: the shipped testbed/ configs)"
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     demo_assets = sub.add_parser("prepare-demo", help="build (or reuse) the tiny model and synthetic data")

@@ -26,8 +26,11 @@ SHIPPED = REPO_ROOT / "src" / "anchorkd" / "configs"
 PROBE = """
 import json, sys
 import anchorkd, anchorkd.resources as r
+from anchorkd.demo.testbed import testbed_paths
+testbed = testbed_paths("tb").configs
 print(json.dumps({"package": anchorkd.__file__, "lexicon": str(r.default_lexicon_path()),
-                  "lexicon_is_file": r.default_lexicon_path().is_file()}))
+                  "lexicon_is_file": r.default_lexicon_path().is_file(),
+                  "testbed": str(testbed), "testbed_base": (testbed / "base.yaml").is_file()}))
 """
 
 
@@ -82,6 +85,8 @@ def test_an_installed_copy_finds_the_lexicon_and_the_configs(installed, tmp_path
     assert Path(probe["package"]).resolve().is_relative_to(site.resolve())
     assert Path(probe["lexicon"]).resolve().is_relative_to(site.resolve())
     assert probe["lexicon_is_file"] is True
+    # `anchorkd demo` without --configs reads the installed testbed recipes.
+    assert Path(probe["testbed"]).is_relative_to(site.resolve()) and probe["testbed_base"] is True
 
     cli = [str(site / "bin" / "anchorkd")]  # the console script pip wrote for the installed copy
     listing = _run([*cli, "configs", "list"], tmp_path, env).stdout

@@ -19,6 +19,12 @@ EXTENDING = [n for n in ALL_NAMES if "extends" in read_yaml_mapping(SHIPPED_DIR 
 RUNNABLE = [n for n in ALL_NAMES if not n.startswith("lexicons/") and not Path(n).name.startswith("_")]
 
 
+def test_the_parametrized_lists_are_not_empty():
+    assert {"recipes/forward_only_kd.yaml", "demo/stage_3_visual_kd.yaml"} <= set(EXTENDING)
+    assert {"stage_2_llm_lora.yaml", "testbed/base.yaml", "recipes/visual_only_kd.yaml"} <= set(RUNNABLE)
+    assert "demo/_tiny.yaml" not in RUNNABLE and "lexicons/telecom_default.yaml" not in RUNNABLE
+
+
 def test_the_shipped_folder_is_the_checkout_configs_folder():
     repo_configs = Path(__file__).resolve().parents[2] / "configs"
     assert SHIPPED_DIR.resolve() == repo_configs.resolve()
@@ -150,6 +156,17 @@ def test_a_trailing_slash_means_a_folder(tmp_path, capsys):
     assert not folder.exists()
     assert main(["configs", "copy", "testbed/base", f"{folder}/", "--make-parents"]) == 0
     assert (folder / "base.yaml").read_bytes() == (SHIPPED_DIR / "testbed" / "base.yaml").read_bytes()
+
+
+def test_demo_reads_the_shipped_testbed_recipes_by_default(tmp_path):
+    from anchorkd.cli import build_parser
+    from anchorkd.demo.testbed import testbed_paths
+
+    assert build_parser().parse_args(["demo"]).configs is None
+    paths = testbed_paths(tmp_path / "tb")
+    assert paths.configs == (SHIPPED_DIR / "testbed").resolve()
+    assert (paths.configs / "base.yaml").is_file()
+    assert testbed_paths(tmp_path / "tb", tmp_path / "mine").configs == (tmp_path / "mine").resolve()
 
 
 def test_the_listing_covers_exactly_the_shipped_files():
