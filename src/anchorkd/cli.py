@@ -146,6 +146,29 @@ def _cmd_prepare_demo(ns) -> int:
     return 0
 
 
+def _cmd_configs_list(ns) -> int:
+    from .shipped_configs import list_shipped_configs
+
+    configs = list_shipped_configs()
+    width = max(len(c.name) for c in configs)
+    for config in configs:
+        print(f"{config.name:<{width}}  {config.description}".rstrip())
+    return 0
+
+
+def _cmd_configs_copy(ns) -> int:
+    from .shipped_configs import copy_shipped_config
+
+    try:
+        copied = copy_shipped_config(ns.name, ns.dest, force=ns.force, make_parents=ns.make_parents)
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"anchorkd: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    how = f"flattened from {len(copied.merged_from)} files" if copied.merged_from else "verbatim"
+    print(f"copied {copied.source.name} to {copied.target} ({how})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anchorkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", nargs="+", default=["sft", "gkd", "gkd_visual"], choices=["sft", "gkd", "gkd_visual"]
     )
     demo.add_argument("--root", default="outputs/testbed", help="where assets, cache, runs and the report go")
-    demo.add_argument("--configs", default="configs/testbed", help="testbed recipe folder")
+    demo.add_argument(
+        "--configs", default=None, help="testbed recipe folder (default: the shipped testbed/ configs)"
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     demo_assets = sub.add_parser("prepare-demo", help="build (or reuse) the tiny model and synthetic data")
@@ -199,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo_assets.add_argument("--seed", type=int, default=0)
     demo_assets.add_argument("--quick", action="store_true", help="tiny data sizes (tests)")
     demo_assets.set_defaults(handler=_cmd_prepare_demo)
+
+    configs = sub.add_parser("configs", help="list the shipped configs, or copy one to start from")
+    configs_sub = configs.add_subparsers(dest="configs_command", required=True)
+    configs_list = configs_sub.add_parser("list", help="each shipped config's name and first comment line")
+    configs_list.set_defaults(handler=_cmd_configs_list)
+    copy = configs_sub.add_parser(
+        "copy", help="copy a shipped config (flattened when it extends others) to a file or folder"
+    )
+    copy.add_argument("name", help="a name from `anchorkd configs list` (.yaml may be left off)")
+    copy.add_argument("dest", help="file to write, or an existing folder to copy into")
+    copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+    copy.add_argument("--make-parents", action="store_true", help="create missing parent folders")
+    copy.set_defaults(handler=_cmd_configs_copy)
 
     _register_optional(sub)
     return parser

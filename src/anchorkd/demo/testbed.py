@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from ..resources import shipped_configs_dir
+
 logger = logging.getLogger("anchorkd")
 
 RUN_CONFIGS = {
@@ -96,6 +98,12 @@ class TestbedPaths:
 
     def seed_dir(self, seed: int) -> Path:
         return self.root / f"seed-{seed}"
+
+
+def testbed_paths(root: str | Path, configs: str | Path | None = None) -> TestbedPaths:
+    """The testbed under ``root``; its recipes come from ``configs`` or, by default, the shipped ones."""
+    configs = shipped_configs_dir() / "testbed" if configs is None else configs
+    return TestbedPaths(Path(root).resolve(), Path(configs).resolve())
 
 
 @dataclass
@@ -249,7 +257,7 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 def run_testbed(
     root: str | Path = "outputs/testbed",
-    configs: str | Path = "configs/testbed",
+    configs: str | Path | None = None,
     seeds: tuple[int, ...] = (0,),
     sizes: TestbedSizes | None = None,
     runs: tuple[str, ...] = tuple(RUN_CONFIGS),
@@ -260,7 +268,7 @@ def run_testbed(
     from .tiny_model import make_tiny_model
 
     sizes = sizes or TestbedSizes()
-    paths = TestbedPaths(Path(root).resolve(), Path(configs).resolve())
+    paths = testbed_paths(root, configs)
     timings: dict[str, float] = {}
     started = time.monotonic()
 
