@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from anchorkd import swift_seam as seam
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS_DIR = REPO_ROOT / "configs"
 STAGE2_GKD_DEMO = CONFIGS_DIR / "demo" / "stage_2_llm_lora_gkd.yaml"
@@ -260,13 +262,12 @@ def use_settings(trainer, **changes):
 
 
 def reset(trainer) -> None:
-    trainer._metrics["train"].clear()
-    trainer._metrics["eval"].clear()
+    seam.metric_store(trainer)["train"].clear()
+    seam.metric_store(trainer)["eval"].clear()
     trainer._metric_weights["train"].clear()
     trainer._metric_weights["eval"].clear()
     trainer._capture.clear()
-    trainer._step = 0
-    trainer._buffered_inputs = None
+    seam.reset_generation_buffer(trainer)
     trainer.model.zero_grad(set_to_none=True)
 
 
@@ -279,8 +280,7 @@ def prepare(trainer, rows: list[dict]) -> dict:
     collation, teacher inputs, accumulation-window annotation), with gradient accumulation 1."""
     ensure_accelerator(trainer)
     trainer.model.train()
-    trainer._step = 0
-    trainer._buffered_inputs = None
+    seam.reset_generation_buffer(trainer)
     return trainer._prepare_inputs(rows)
 
 

@@ -17,6 +17,8 @@ import pytest
 import torch
 from transformers.integrations.integration_utils import rewrite_logs
 
+from anchorkd import swift_seam as seam
+
 pytestmark = pytest.mark.integration
 
 REL = 1e-5
@@ -60,7 +62,7 @@ def test_positive_weight_with_teacher_attached(anchor, impl):
             loss = trainer.compute_loss(trainer.model, batch)
         assert float(loss) == approx(expected_kd + 0.3 * oracle.ce)
 
-        metrics = trainer._metrics["train"]
+        metrics = seam.metric_store(trainer)["train"]
         assert metrics["llm_kd_loss"] == [approx(expected_kd)]
         assert metrics["sft_loss"] == [approx(0.3 * oracle.ce)]
         assert metrics["token_count"] == [oracle.tokens]
@@ -80,7 +82,7 @@ def test_positive_weight_with_teacher_attached(anchor, impl):
         with torch.no_grad():
             eval_loss = trainer.compute_loss(trainer.model, eval_batch)
         assert float(eval_loss) == approx(float(loss))
-        assert trainer._metrics["eval"]["llm_kd_loss"] == [approx(expected_kd)]
+        assert seam.metric_store(trainer)["eval"]["llm_kd_loss"] == [approx(expected_kd)]
         eval_logs = h.log_now(trainer)
         assert eval_logs["eval_llm_kd_loss"] == approx(expected_kd)
         assert "llm_kd_loss" not in eval_logs
@@ -143,8 +145,8 @@ def test_zero_weight_disables_lm_head_kd(anchor, impl):
             loss = trainer.compute_loss(trainer.model, batch)
         assert float(loss) == approx(oracle.ce)
         assert oracle.jsd > 1e-3  # so KD would have changed the value had it been added
-        assert "llm_kd_loss" not in trainer._metrics["train"]
-        assert trainer._metrics["train"]["sft_loss"] == [approx(oracle.ce)]
+        assert "llm_kd_loss" not in seam.metric_store(trainer)["train"]
+        assert seam.metric_store(trainer)["train"]["sft_loss"] == [approx(oracle.ce)]
         logs = h.log_now(trainer)
         assert "llm_kd_loss" not in logs and "eval_llm_kd_loss" not in logs
         assert not any(k.endswith("llm_kd_loss") for k in rewrite_logs(logs))
@@ -190,7 +192,7 @@ def test_visual_kd_remains_active_when_lm_kd_disabled(visual, monkeypatch):
         assert visual_term > 1e-4
         assert float(loss) == approx(ce + h.VISUAL_WEIGHT * visual_term)
 
-        metrics = trainer._metrics["train"]
+        metrics = seam.metric_store(trainer)["train"]
         assert "llm_kd_loss" not in metrics
         assert metrics["vision_kd_loss"] == [approx(h.VISUAL_WEIGHT * visual_term)]
         logs = h.log_now(trainer)
@@ -394,7 +396,7 @@ def test_reduce_metrics_all_reduces_sums_and_counts_under_torchrun(anchor):
     def record():
         for name, value, weight in samples:
             trainer._record_value("train", name, value, weight)
-        trainer._metrics["train"]["token_count"] += [10.0, 30.0]
+        seam.metric_store(trainer)["train"]["token_count"] += [10.0, 30.0]
 
     with h.configured(trainer):
         record()
@@ -415,7 +417,7 @@ def test_reduce_metrics_all_reduces_sums_and_counts_under_torchrun(anchor):
     }
     assert local == approx(expected)
     assert distributed == approx(expected)
-    assert not trainer._metrics["train"] and not trainer._metric_weights["train"]
+    assert not seam.metric_store(trainer)["train"] and not trainer._metric_weights["train"]
 
 
 def test_nonfinite_term_logs_warning_naming_term_and_step(anchor, caplog):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.integration_utils import rewrite_logs
 
+from anchorkd import swift_seam as seam
 from anchorkd.config import ConfigError, ConfigLoader
 from anchorkd.losses.visual import feature_distance, visual_kd_loss
 from anchorkd.trainers.features import visual_targets
@@ -158,7 +159,7 @@ def test_cosine_distance_with_lm_kd(visual):
         terms = h.batch_terms(trainer, batch)
         assert vis > 1e-5 and terms.jsd > 1e-3
         assert float(loss) == approx(0.5 * terms.jsd + 0.3 * terms.ce + h.VISUAL_WEIGHT * vis)
-        assert trainer._metrics["train"]["vision_kd_loss"] == [approx(h.VISUAL_WEIGHT * vis)]
+        assert seam.metric_store(trainer)["train"]["vision_kd_loss"] == [approx(h.VISUAL_WEIGHT * vis)]
 
 
 def test_distance_normalised_per_token():
@@ -185,7 +186,7 @@ def test_duplicated_sample_keeps_loss_and_visual_term(visual):
             assert visual_tokens(batch["model_inputs"], 2) == 16 * len(rows)
             with torch.no_grad():
                 loss = trainer.compute_loss(trainer.model, batch)
-            values.append((float(loss), trainer._metrics["train"]["vision_kd_loss"][0]))
+            values.append((float(loss), seam.metric_store(trainer)["train"]["vision_kd_loss"][0]))
     (loss_one, vis_one), (loss_two, vis_two) = values
     assert vis_one > 0
     assert loss_two == approx(loss_one, rel=1e-4)
@@ -199,7 +200,7 @@ def test_vision_kd_loss_logged_under_train_and_eval(visual):
         batch = trainer._prepare_inputs(h.dataset_rows(trainer, [0]))
         with torch.no_grad():
             trainer.compute_loss(trainer.model, batch)
-        value = trainer._metrics["eval"]["vision_kd_loss"][0]
+        value = seam.metric_store(trainer)["eval"]["vision_kd_loss"][0]
         logs = h.log_now(trainer)
     assert value > 0
     assert logs["eval_vision_kd_loss"] == approx(
