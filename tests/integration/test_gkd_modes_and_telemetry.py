@@ -192,21 +192,6 @@ def test_weights_trained_outside_lora_get_a_frozen_teacher_copy(env):
 # --- what gkd_monitor refuses instead of computing a wrong loss ------------------------------------------
 
 
-def test_offloaded_separate_teacher_is_rejected(env, anchor_built, monkeypatch):
-    """rlhf.offload_teacher_model keeps a separate teacher on the CPU between ms-swift's own teacher
-    calls; gkd_monitor runs the teacher itself, so it refuses the knob (a base-anchor teacher is the
-    student itself and is not affected)."""
-    separate = h.visual_build(env).trainer
-    monkeypatch.setattr(separate.args, "offload_teacher_model", True)
-    with pytest.raises(ConfigError) as error:
-        separate._check_supported()
-    assert error.value.key_path == "rlhf.offload_teacher_model"
-
-    anchor = anchor_built.trainer
-    monkeypatch.setattr(anchor.args, "offload_teacher_model", True)
-    anchor._check_supported()  # no separate teacher: nothing is offloaded
-
-
 def test_teacher_side_prompt_that_moves_tokens_is_rejected(anchor_built):
     """ms-swift OPSD rows (teacher_prompt) give the teacher its own encoding; when that shifts the response
     tokens, gkd_monitor refuses the batch with a clear error instead of comparing misaligned positions.
