@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from anchorkd.eval.lexicon import DEFAULT_LEXICON_PATH, LexiconError, lexicon_from_mapping, load_lexicon
+from anchorkd.errors import LexiconError
+from anchorkd.eval.lexicon import DEFAULT_LEXICON_PATH, lexicon_from_mapping, load_lexicon
 from anchorkd.eval.metrics import (
     CaptionSample,
     box_iou,

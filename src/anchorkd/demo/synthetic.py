@@ -20,8 +20,6 @@ not change when a training split is resized. The global random state is never to
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import random
@@ -47,6 +45,7 @@ from anchorkd.demo.scenes import (
     Scene,
     draw_scene,
 )
+from anchorkd.io import atomic_write_json, sha256_bytes, write_jsonl
 
 __all__ = [
     "DEFAULT_BOX_GRID",
@@ -553,7 +552,7 @@ class _ImageFactory:
         while True:
             rng = _stream(self.seed, group, index, attempt)
             scene = draw_scene(kind, rng, self.image_size)
-            digest = hashlib.sha256(scene.image.tobytes()).hexdigest()
+            digest = sha256_bytes(scene.image.tobytes())
             if digest not in self._digests:
                 break
             attempt += 1
@@ -590,15 +589,6 @@ def _text_records(samples: Sequence[TextSample], id_prefix: str) -> list[dict[st
         }
         for index, sample in enumerate(samples)
     ]
-
-
-def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    count = 0
-    with path.open("w", encoding="utf-8", newline="\n") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    return count
 
 
 def _build_splits(seed: int, sizes: SyntheticSizes, staging: Path, target: Path) -> dict[str, list[dict]]:
@@ -706,7 +696,7 @@ def make_synthetic_data(
         (staging / IMAGES_DIR).mkdir()
         splits = _build_splits(seed, sizes, staging, target)
         counts = {
-            SPLIT_FILES[split]: _write_jsonl(staging / SPLIT_FILES[split], recs)
+            SPLIT_FILES[split]: write_jsonl(staging / SPLIT_FILES[split], recs)
             for split, recs in splits.items()
         }
         manifest = {
@@ -717,7 +707,7 @@ def make_synthetic_data(
             "counts": counts,
             "images": sum(1 for _ in (staging / IMAGES_DIR).iterdir()),
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(staging / MANIFEST_FILE, manifest)
         _move_into_place(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,6 @@ Several seeds (of the domain runs) give a mean and a spread per metric.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -26,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ..io import iter_jsonl, real_number, sha256_bytes, sha256_file
 
 logger = logging.getLogger("anchorkd")
 
@@ -107,34 +108,25 @@ class TestbedResult:
     base_cached: bool = False
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _training_content_digest(jsonl: Path) -> str:
     """Hash of what training reads from a JSONL file: the messages and the image bytes, in order.
 
     ``meta`` (ground truth for the evaluator) and the images' absolute paths are left out, so the base
     stays cached when only the domain / eval data change or the folder moves.
     """
-    from ..data.validate import iter_jsonl
-
-    digest = hashlib.sha256()
+    content = []
     for _, record in iter_jsonl(jsonl):
-        images = [_sha256_file(Path(image)) for image in record.get("images", [])]
-        digest.update(json.dumps([record["messages"], images], sort_keys=True).encode())
-    return digest.hexdigest()
+        images = [sha256_file(image) for image in record.get("images", [])]
+        content.append(json.dumps([record["messages"], images], sort_keys=True).encode())
+    # One digest of the concatenation: the same value as feeding the records to it one by one.
+    return sha256_bytes(b"".join(content))
 
 
 def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
     """Hash of everything that determines the base checkpoint."""
     parts = {
         "model": json.loads((paths.model / "anchorkd_tiny.json").read_text()),
-        "weights": _sha256_file(paths.model / "model.safetensors"),
+        "weights": sha256_file(paths.model / "model.safetensors"),
         "data": _training_content_digest(paths.data / "base_train.jsonl"),
         # Parsed, so that editing a comment does not retrain the base.
         "config": yaml.safe_load((paths.configs / BASE_CONFIG).read_text()),
@@ -142,7 +134,7 @@ def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
         "batch": sizes.base_batch,
         "seed": seed,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_bytes(json.dumps(parts, sort_keys=True).encode())[:16]
 
 
 def _train(config: Path, overrides: list[str]) -> dict:
@@ -210,7 +202,7 @@ def train_domain_run(name: str, paths: TestbedPaths, base: Path, sizes: TestbedS
 
 
 def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) -> Path:
-    from ..eval.compare import evaluate_checkpoint
+    from ..eval.evaluate import evaluate_checkpoint
 
     out = paths.seed_dir(seed) / "eval" / name
     shutil.rmtree(out, ignore_errors=True)
@@ -240,7 +232,7 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
         merged: dict = {"seeds": len(rows)}
         for key in rows[0]:
             values = [row.get(key) for row in rows]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            if all(real_number(v) is not None for v in values):
                 merged[key] = statistics.fmean(values)
                 merged[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         runs[name] = merged

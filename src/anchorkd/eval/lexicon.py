@@ -52,6 +52,7 @@ from pydantic import (
     model_validator,
 )
 
+from anchorkd.errors import LexiconError
 from anchorkd.resources import default_lexicon_path
 
 DEFAULT_LEXICON_PATH = default_lexicon_path()
@@ -63,10 +64,6 @@ _WORD_CHAR = "[a-z0-9]"
 CanonicalName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
 # A synonym must contain a letter or digit, otherwise it would match punctuation or nothing at all.
 Synonym = Annotated[str, StringConstraints(pattern=r"[A-Za-z0-9]")]
-
-
-class LexiconError(ValueError):
-    """A lexicon file is unreadable or invalid; the message names the file and the key path."""
 
 
 def normalize_phrase(text: str) -> str:

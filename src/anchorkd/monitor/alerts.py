@@ -40,6 +40,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from anchorkd.io import real_number
+
 KD_METRIC = "llm_kd_loss"
 SFT_METRIC = "sft_loss"
 TRAIN_PREFIX = "train/"
@@ -92,13 +94,6 @@ def normalize_metric_name(name: str) -> str:
     return name.removeprefix(TRAIN_PREFIX)
 
 
-def _as_float(value: Any) -> float | None:
-    """Numeric values (not bools, not strings such as '3/10') as float, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
 class AlertMonitor:
     """Stateful rule checker: call :meth:`update` with each logged step, in step order."""
 
@@ -113,7 +108,7 @@ class AlertMonitor:
         alerts: list[Alert] = []
         finite: dict[str, float] = {}
         for raw_name, raw_value in metrics.items():
-            value = _as_float(raw_value)
+            value = real_number(raw_value)
             if value is None:
                 continue
             name = normalize_metric_name(raw_name)
