@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from ..io import iter_jsonl, real_number, sha256_bytes, sha256_file
+from .assets import DATA_DIR, TINY_MODEL_DIR, TINY_MODEL_STAMP, prepare_demo_assets
 
 logger = logging.getLogger("anchorkd")
 
@@ -86,11 +87,11 @@ class TestbedPaths:
 
     @property
     def model(self) -> Path:
-        return self.root / "tiny-qwen3-vl"
+        return self.root / TINY_MODEL_DIR
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.root / DATA_DIR
 
     def base_cache(self, key: str) -> Path:
         return self.root / "cache" / f"base-{key}"
@@ -125,7 +126,7 @@ def _training_content_digest(jsonl: Path) -> str:
 def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
     """Hash of everything that determines the base checkpoint."""
     parts = {
-        "model": json.loads((paths.model / "anchorkd_tiny.json").read_text()),
+        "model": json.loads((paths.model / TINY_MODEL_STAMP).read_text()),
         "weights": sha256_file(paths.model / "model.safetensors"),
         "data": _training_content_digest(paths.data / "base_train.jsonl"),
         # Parsed, so that editing a comment does not retrain the base.
@@ -248,8 +249,7 @@ def run_testbed(
 ) -> TestbedResult:
     from ..eval.compare import compare_runs, example_captions
     from ..eval.report import write_comparison_report
-    from .synthetic import SyntheticSizes, make_synthetic_data
-    from .tiny_model import make_tiny_model
+    from ..eval.score import TEXT_EVAL_FILE, read_text_eval
 
     sizes = sizes or TestbedSizes()
     paths = TestbedPaths(Path(root).resolve(), Path(configs).resolve())
@@ -262,12 +262,8 @@ def run_testbed(
         logger.info("testbed: %s took %.0f s", label, now - since)
         return now
 
-    if not (paths.model / "anchorkd_tiny.json").is_file():
-        make_tiny_model(paths.model, seed=0)
-    data_sizes = SyntheticSizes.quick() if sizes.data == "quick" else SyntheticSizes()
-    manifest = paths.data / "manifest.json"
-    if not manifest.is_file() or json.loads(manifest.read_text()).get("sizes") != asdict(data_sizes):
-        make_synthetic_data(paths.data, seed=0, sizes=data_sizes, overwrite=True)
+    # The assets are those of the demo (seed 0); the testbed's seeds vary only the domain runs.
+    prepare_demo_assets(paths.root, seed=0, quick=sizes.data == "quick")
     mark = lap("assets", started)
 
     base, cached = build_base(paths, sizes)
@@ -282,7 +278,7 @@ def run_testbed(
             base_eval = evaluate_run("base", paths, base, None, sizes, seeds[0])
             mark = lap("eval_base", mark)
         eval_dirs["base"] = base_eval
-        base_ppl = json.loads((base_eval / "text_eval.json").read_text())["ppl"]
+        base_ppl = read_text_eval(base_eval / TEXT_EVAL_FILE)["ppl"]
         for name in runs:
             adapter = train_domain_run(name, paths, base, sizes, seed)
             mark = lap(f"train_{name}_seed{seed}", mark)
