@@ -16,6 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import DataError
+from ..io import read_json_object
+
 DEFAULT_DEMO_ROOT = Path("outputs/demo")
 TINY_MODEL_DIR = "tiny-qwen3-vl"
 DATA_DIR = "data"
@@ -59,11 +62,9 @@ def _stamp_state(stamp: Path, expected: Mapping[str, Any]) -> Literal["current",
     if not stamp.is_file():
         return "absent"
     try:
-        recorded = json.loads(stamp.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = read_json_object(stamp)
+    except DataError:
         return "stale"
     # Compared as JSON, so that tuples in ``expected`` equal the lists the stamp holds.
     wanted = json.loads(json.dumps(expected))
-    if isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in wanted.items()):
-        return "current"
-    return "stale"
+    return "current" if all(recorded.get(key) == value for key, value in wanted.items()) else "stale"

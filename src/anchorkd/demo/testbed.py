@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from ..io import iter_jsonl, real_number, sha256_bytes, sha256_file
+from ..io import iter_jsonl, read_json_object, real_number, sha256_bytes, sha256_file
 from .assets import DATA_DIR, TINY_MODEL_DIR, TINY_MODEL_STAMP, prepare_demo_assets
 
 logger = logging.getLogger("anchorkd")
@@ -126,7 +126,7 @@ def _training_content_digest(jsonl: Path) -> str:
 def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
     """Hash of everything that determines the base checkpoint."""
     parts = {
-        "model": json.loads((paths.model / TINY_MODEL_STAMP).read_text()),
+        "model": read_json_object(paths.model / TINY_MODEL_STAMP),
         "weights": sha256_file(paths.model / "model.safetensors"),
         "data": _training_content_digest(paths.data / "base_train.jsonl"),
         # Parsed, so that editing a comment does not retrain the base.
