@@ -115,11 +115,11 @@ def _install_hooks(record: dict, timer) -> None:
 
 
 def _describe_teacher(trainer) -> str:
+    from anchorkd.swift_seam import teacher_is_disabled_adapter
+
     if getattr(trainer, "teacher_model", None) is not None:
         return "separate"
-    if getattr(trainer, "_teacher_use_disable_adapter", False):
-        return "base_anchor"
-    return "none"
+    return "base_anchor" if teacher_is_disabled_adapter(trainer) else "none"
 
 
 def main(argv=None) -> None:

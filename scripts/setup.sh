@@ -24,7 +24,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python_bin" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q --upgrade "pip>=24,<26" "setuptools>=68" wheel
+"${pip[@]}" install -q --upgrade "pip>=24,<26" "setuptools>=77" wheel
 # torch first, from the pinned constraints: everything after resolves against it.
 echo "[setup] installing torch / torchvision (pinned in $(basename "$constraints"))"
 "${pip[@]}" install -q -c "$constraints" torch torchvision

@@ -18,9 +18,9 @@ def _torchrun_relaunch(argv: list[str]) -> int | None:
 
     if "LOCAL_RANK" in os.environ:
         return None  # already a torchrun worker
-    from swift.cli.main import get_torchrun_args
+    from .swift_seam import torchrun_args as swift_torchrun_args
 
-    torchrun_args = get_torchrun_args()
+    torchrun_args = swift_torchrun_args()
     if torchrun_args is None:
         return None
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "anchorkd.cli", *argv]
@@ -44,14 +44,16 @@ def _cmd_train(ns) -> int:
 
 
 def _cmd_validate(ns) -> int:
+    from .checks import check_run
     from .config import ConfigLoader
 
-    loaded = ConfigLoader.load_training_config(ns.config, ns.overrides, create_output_dir=False)
-    config = loaded.config
-    print(f"{ns.config}: OK ({config.mode}, {type(loaded.train_args).__name__})")
+    config = check_run(ns.config, ns.overrides)
+    settings = ConfigLoader.build_settings(config, create_output_dir=False)
+    anchor = settings.anchor
+    print(f"{ns.config}: OK ({anchor.mode}, {type(settings.train_args).__name__})")
     print(
-        f"  trainer_variant={config.custom.trainer_variant} llm_kd_weight={config.llm_kd_weight} "
-        f"visual_kd={'on' if config.visual_kd_active else 'off'}"
+        f"  trainer_variant={anchor.trainer_variant} llm_kd_weight={anchor.llm_kd_weight} "
+        f"visual_kd={'on' if anchor.visual_kd_active else 'off'} teacher={anchor.teacher_mode}"
     )
     if ns.print:
         print(config.to_yaml())
@@ -59,10 +61,10 @@ def _cmd_validate(ns) -> int:
 
 
 def _cmd_check(ns) -> int:
-    from .config import ConfigLoader
+    from .checks import check_run
     from .trainers.preflight import run_preflight
 
-    config = ConfigLoader.resolve(ns.config, ns.overrides)
+    config = check_run(ns.config, ns.overrides, teacher=False)
     if config.mode != "gkd":
         print(f"{ns.config}: no teacher in this run ({config.mode}); nothing to compare")
         return 0
@@ -107,17 +109,12 @@ def _cmd_report(ns) -> int:
 
 def _run_monitor_config(run_dir: str):
     """The run's own ``custom.monitor`` thresholds, when its resolved config is there."""
-
     from .config.loader import RESOLVED_CONFIG_NAME
-    from .config.schema import MonitorConfig
-    from .config.yaml_io import read_yaml_mapping
+    from .config.settings import monitor_settings_of_run
     from .monitor.report import find_logging_jsonl
 
     resolved = find_logging_jsonl(run_dir).parent / RESOLVED_CONFIG_NAME
-    if not resolved.is_file():
-        return None
-    monitor = (read_yaml_mapping(resolved).get("custom") or {}).get("monitor") or {}
-    return MonitorConfig.model_validate(monitor)
+    return monitor_settings_of_run(resolved) if resolved.is_file() else None
 
 
 def _cmd_demo(ns) -> int:
@@ -146,6 +143,29 @@ def _cmd_prepare_demo(ns) -> int:
 
     for name, path in prepare_demo_assets(ns.root, seed=ns.seed, quick=ns.quick).items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_configs_list(ns) -> int:
+    from .shipped_configs import list_shipped_configs
+
+    configs = list_shipped_configs()
+    width = max(len(c.name) for c in configs)
+    for config in configs:
+        print(f"{config.name:<{width}}  {config.description}".rstrip())
+    return 0
+
+
+def _cmd_configs_copy(ns) -> int:
+    from .shipped_configs import copy_shipped_config
+
+    try:
+        copied = copy_shipped_config(ns.name, ns.dest, force=ns.force, make_parents=ns.make_parents)
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"anchorkd: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    how = f"flattened from {len(copied.merged_from)} files" if copied.merged_from else "verbatim"
+    print(f"copied {copied.source.name} to {copied.target} ({how})")
     return 0
 
 
@@ -194,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", nargs="+", default=["sft", "gkd", "gkd_visual"], choices=["sft", "gkd", "gkd_visual"]
     )
     demo.add_argument("--root", default="outputs/testbed", help="where assets, cache, runs and the report go")
-    demo.add_argument("--configs", default="configs/testbed", help="testbed recipe folder")
+    demo.add_argument(
+        "--configs", default=None, help="testbed recipe folder (default: the shipped testbed/ configs)"
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     demo_assets = sub.add_parser("prepare-demo", help="build (or reuse) the tiny model and synthetic data")
@@ -202,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo_assets.add_argument("--seed", type=int, default=0)
     demo_assets.add_argument("--quick", action="store_true", help="tiny data sizes (tests)")
     demo_assets.set_defaults(handler=_cmd_prepare_demo)
+
+    configs = sub.add_parser("configs", help="list the shipped configs, or copy one to start from")
+    configs_sub = configs.add_subparsers(dest="configs_command", required=True)
+    configs_list = configs_sub.add_parser("list", help="each shipped config's name and first comment line")
+    configs_list.set_defaults(handler=_cmd_configs_list)
+    copy = configs_sub.add_parser(
+        "copy", help="copy a shipped config (flattened when it extends others) to a file or folder"
+    )
+    copy.add_argument("name", help="a name from `anchorkd configs list` (.yaml may be left off)")
+    copy.add_argument("dest", help="file to write, or an existing folder to copy into")
+    copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+    copy.add_argument("--make-parents", action="store_true", help="create missing parent folders")
+    copy.set_defaults(handler=_cmd_configs_copy)
 
     _register_optional(sub)
     return parser

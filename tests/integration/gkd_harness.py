@@ -40,6 +40,7 @@ SEED = 0
 
 # Knobs that live on the training arguments rather than on the trainer.
 _ARGS_KNOBS = {"sft_alpha", "gradient_accumulation_steps", "steps_per_generation"}
+_ANCHOR_KNOBS = {"llm_kd_weight", "kd_loss_impl", "kd_chunk_size", "visual_kd"}
 
 
 def seed_everything(seed: int = SEED) -> None:
@@ -170,7 +171,7 @@ def run_overrides(
 
 @dataclasses.dataclass
 class Built:
-    config: object  # anchorkd.config.loader.ResolvedConfig
+    settings: object  # anchorkd.config.RunSettings
     train_args: object
     pipeline: object
     trainer: object
@@ -197,22 +198,21 @@ def build(config_path: Path, overrides: list[str]) -> Built:
         ensure_accelerator(_BUILT[key].trainer)
         return _BUILT[key]
     from anchorkd.config import ConfigLoader
-    from anchorkd.trainers.pipeline import build_pipeline, build_trainer
+    from anchorkd.trainers.pipeline import build_pipeline
 
     seed_everything()
     with preserved_environment():
-        loaded = ConfigLoader.load_training_config(config_path, overrides)
-    pipeline = build_pipeline(loaded.train_args)
-    train_dataset, val_dataset = pipeline._prepare_dataset()
+        settings = ConfigLoader.load_training_config(config_path, overrides)
+    pipeline = build_pipeline(settings)
     collect = _Collect()
     anchor_logger = logging.getLogger("anchorkd")
     anchor_logger.addHandler(collect)
     try:
-        trainer = build_trainer(pipeline, train_dataset, val_dataset)
+        trainer = pipeline.build_trainer()
     finally:
         anchor_logger.removeHandler(collect)
     trainer.model.train()
-    built = Built(loaded.config, loaded.train_args, pipeline, trainer, collect.records)
+    built = Built(settings, settings.train_args, pipeline, trainer, collect.records)
     _BUILT[key] = built
     return built
 
@@ -234,8 +234,12 @@ def configured(trainer, **knobs):
     """Temporarily set trainer knobs (``llm_kd_weight``, ``kd_loss_impl``, ``beta``, ``temperature``,
     ``visual_kd``, ``sft_alpha``, ...); metrics and captures are cleared on the way in and out."""
     ensure_accelerator(trainer)
+    saved_anchor = trainer.anchor
+    trainer.anchor = use_settings(trainer, **{k: v for k, v in knobs.items() if k in _ANCHOR_KNOBS})
     saved = []
     for name, value in knobs.items():
+        if name in _ANCHOR_KNOBS:
+            continue
         target = trainer.args if name in _ARGS_KNOBS else trainer
         saved.append((target, name, getattr(target, name)))
         setattr(target, name, value)
@@ -245,8 +249,14 @@ def configured(trainer, **knobs):
     finally:
         for target, name, value in reversed(saved):
             setattr(target, name, value)
+        trainer.anchor = saved_anchor
         reset(trainer)
         trainer.model.train()
+
+
+def use_settings(trainer, **changes):
+    """The trainer's frozen ``AnchorSettings`` with ``changes`` (assign the result to ``trainer.anchor``)."""
+    return trainer.anchor.model_copy(update=changes)
 
 
 def reset(trainer) -> None:

@@ -102,7 +102,7 @@ def test_base_anchor_teacher_when_only_lora_trains(anchor_built):
     """Stage 2 (only LoRA trains, teacher == model): the teacher is the student with its adapter disabled;
     no second copy of the weights exists, and that teacher is exactly the base (LoRA B = 0)."""
     trainer, pipeline = anchor_built.trainer, anchor_built.pipeline
-    assert anchor_built.config.teacher_mode == "base_anchor"
+    assert anchor_built.settings.anchor.teacher_mode == "base_anchor"
     assert trainer.teacher_mode == "base_anchor"
     assert trainer.teacher_model is None and getattr(pipeline, "teacher_model", None) is None
     assert trainer._teacher_use_disable_adapter
@@ -129,7 +129,7 @@ def test_separate_frozen_teacher_copy(env):
     """A teacher given as another folder is loaded as a separate frozen copy, sharing no storage."""
     built = h.visual_build(env)
     trainer = built.trainer
-    assert built.config.teacher_mode == "separate"
+    assert built.settings.anchor.teacher_mode == "separate"
     assert trainer.teacher_mode == "separate" and not trainer._teacher_use_disable_adapter
     teacher = trainer.teacher_model
     assert isinstance(teacher, Qwen3VLForConditionalGeneration) and not teacher.training
@@ -148,7 +148,7 @@ def test_teacher_adapters_load_base_plus_adapter(env, anchor_built, adapter):
     """rlhf.teacher_adapters: a separate teacher = base + that LoRA adapter (not the plain base)."""
     built = h.adapter_teacher_build(env, adapter)
     trainer = built.trainer
-    assert built.config.teacher_mode == "separate" and trainer.teacher_mode == "separate"
+    assert built.settings.anchor.teacher_mode == "separate" and trainer.teacher_mode == "separate"
     assert trainer.teacher_model is not None
     assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
 
@@ -171,7 +171,7 @@ def test_stage3_lora_keeps_the_base_anchor(env):
             config, env.overrides("stage3-anchor"), create_output_dir=False
         )
     assert loaded.config.sections["tuner"]["freeze_aligner"] is False
-    assert loaded.config.teacher_mode == "base_anchor"
+    assert loaded.anchor.teacher_mode == "base_anchor"
     assert loaded.train_args._teacher_use_disable_adapter and loaded.train_args.teacher_model is None
 
 
@@ -183,7 +183,7 @@ def test_weights_trained_outside_lora_get_a_frozen_teacher_copy(env):
             env.overrides("stage3-copy", extra=("tuner.modules_to_save=[lm_head]",)),
             create_output_dir=False,
         )
-    assert loaded.config.teacher_mode == "separate"
+    assert loaded.anchor.teacher_mode == "separate"
     assert not loaded.train_args._teacher_use_disable_adapter
     assert loaded.train_args.teacher_model == loaded.config.sections["model"]["model"]
     assert loaded.train_args.teacher_model_type == loaded.train_args.model_type == "qwen3_vl"

@@ -29,7 +29,7 @@ def trained_stage_2(demo_workdir, quick_overrides, tmp_path_factory):
             CONFIGS_DIR / "demo" / "stage_2_llm_lora.yaml", quick_overrides(out, steps=3, batch=2)
         )
         ConfigLoader.write_resolved(loaded.config, loaded.train_args.output_dir)
-        pipeline = build_pipeline(loaded.train_args)
+        pipeline = build_pipeline(loaded)
         initial = {n: p.detach().clone() for n, p in pipeline.model.named_parameters()}
         result = pipeline.main()
     finally:
@@ -41,7 +41,7 @@ def test_vanilla_config_resolves_to_ms_swift_trainer(trained_stage_2):
     from swift.trainers import Seq2SeqTrainer
 
     loaded, pipeline, *_ = trained_stage_2
-    assert resolve_trainer_cls(loaded.train_args) is Seq2SeqTrainer
+    assert resolve_trainer_cls(loaded) is Seq2SeqTrainer
     assert type(pipeline.trainer) is Seq2SeqTrainer
 
 

@@ -85,7 +85,7 @@ def test_minimal_sft_config_resolves_to_sft_with_defaults(tmp_path, sft, tiny_mo
     assert config.custom.visual_kd.enabled is False
     assert not config.visual_kd_active and not config.lm_kd_active
     assert config.sections["model"]["model"] == str(tiny_model_dir)
-    assert config.sources == [(tmp_path / "run.yaml").resolve()]
+    assert config.sources == ((tmp_path / "run.yaml").resolve(),)
     kwargs = config.swift_kwargs()
     assert kwargs["dataset"] == [str(synthetic_data_dir / "train.jsonl")]
     assert kwargs["tuner_type"] == "lora"
@@ -480,7 +480,6 @@ def test_successful_load_creates_the_versioned_output_dir(tmp_path, sft, clean_t
     ("change", "expected"),
     [
         ({"model": {"model": "/no/such/model"}}, "model.model"),
-        ({"data": {"dataset": ["/no/such/train.jsonl"]}}, "data.dataset[0]"),
         ({"rlhf": {"llm_kd_weight": -0.1}}, "rlhf.llm_kd_weight"),
         ({"rlhf": {"teacher_model": None}}, "rlhf.teacher_model"),
         ({"training": {"learning_rate": "fast"}}, "training.learning_rate"),
@@ -513,11 +512,23 @@ def test_ms_swift_rejection_removes_the_output_dir_it_created(tmp_path, gkd, cle
 
 
 def test_bad_data_line_is_a_data_error_before_anything_is_written(tmp_path, sft, clean_tb_env):
+    from anchorkd.checks import check_run
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": 3}\n')
     sft["data"]["dataset"] = [str(bad)]
     with pytest.raises(DataError, match=f"{bad}:2"):
-        ConfigLoader.load_training_config(write_config(tmp_path, sft))
+        check_run(write_config(tmp_path, sft))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_file_is_found_before_anything_is_written(tmp_path, gkd, clean_tb_env):
+    from anchorkd.checks import check_run
+
+    gkd["data"]["dataset"] = ["/no/such/train.jsonl"]
+    with pytest.raises(ConfigError) as info:
+        check_run(write_config(tmp_path, gkd))
+    assert key_paths(info.value) == ["data.dataset[0]"]
     assert not (tmp_path / "out").exists()
 
 

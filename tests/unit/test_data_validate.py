@@ -9,7 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from anchorkd.config import ConfigError, ConfigLoader, DataError
+from anchorkd.checks import check_run
+from anchorkd.config import ConfigError, DataError
 from anchorkd.data.validate import split_dataset_entry, validate_dataset_entry, validate_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
@@ -174,20 +175,20 @@ def write_config(tmp_path, tiny_model_dir, dataset, val_dataset=None) -> Path:
 
 def test_config_with_missing_data_file_names_the_key_and_path(tmp_path, tiny_model_dir, synthetic_data_dir):
     train = str(synthetic_data_dir / "train.jsonl")
-    assert ConfigLoader.resolve(write_config(tmp_path, tiny_model_dir, [train, "AI-ModelScope/foo#10"]))
+    assert check_run(write_config(tmp_path, tiny_model_dir, [train, "AI-ModelScope/foo#10"]))
 
     gone = tmp_path / "gone.jsonl"
     with pytest.raises(ConfigError) as info:
-        ConfigLoader.resolve(write_config(tmp_path, tiny_model_dir, [str(gone)]))
+        check_run(write_config(tmp_path, tiny_model_dir, [str(gone)]))
     assert info.value.key_path == "data.dataset[0]"
     assert f"data file not found: {gone}" in str(info.value)
 
     with pytest.raises(ConfigError) as info:
-        ConfigLoader.resolve(write_config(tmp_path, tiny_model_dir, [train], [train, str(gone)]))
+        check_run(write_config(tmp_path, tiny_model_dir, [train], [train, str(gone)]))
     assert info.value.key_path == "data.val_dataset[1]"
 
 
 def test_config_with_a_bad_data_line_reports_file_and_line(tmp_path, tiny_model_dir):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, {"messages": "x"}])
     with pytest.raises(DataError, match=f"{bad}:3: 'messages' must be a non-empty list"):
-        ConfigLoader.resolve(write_config(tmp_path, tiny_model_dir, [str(bad)]))
+        check_run(write_config(tmp_path, tiny_model_dir, [str(bad)]))

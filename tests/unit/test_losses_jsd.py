@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anchorkd.losses import IGNORE_INDEX, generalized_jsd, generalized_jsd_per_position, masked_ce
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # before trl.experimental is imported
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-swift_gkd = pytest.importorskip("swift.rlhf_trainers.gkd_loss")
-trl_gkd = pytest.importorskip("trl.experimental.gkd")
-trl_generalized_jsd = trl_gkd.GKDTrainer.generalized_jsd_loss
+import swift.rlhf_trainers.gkd_loss as swift_gkd  # noqa: E402
+from trl.experimental.gkd import GKDTrainer  # noqa: E402
+
+from anchorkd.losses import IGNORE_INDEX, generalized_jsd, generalized_jsd_per_position, masked_ce  # noqa: E402
+
+trl_generalized_jsd = GKDTrainer.generalized_jsd_loss
 
 BETAS = [0.0, 0.1, 0.5, 1.0]
 TEMPERATURES = [1.0, 0.9]

@@ -1,12 +1,14 @@
-"""``ConfigLoader``: YAML (+ overlays + overrides) -> validated config -> ms-swift argument objects.
+"""``ConfigLoader``: YAML (+ overlays + overrides) -> validated config -> ``RunSettings``.
 
 Order of work, so that nothing is written and no model is loaded for a config that cannot run:
 1. read the file and its ``extends`` chain, apply ``a.b=value`` overrides;
 2. check sections and keys (ms-swift keys against ms-swift's dataclasses, ours with pydantic);
-3. cross-section rules (teacher required for KD, visual KD needs a trainable vision path, ...);
-4. check that model/teacher/adapter paths and data files exist and parse (file:line on errors);
+3. every rule of ``rules.RULES`` (ranges, teacher required for KD, unsupported combinations, ...);
+4. derive the run mode; check that model/teacher/adapter checkpoints exist;
 5. only then construct ``SftArguments`` / ``RLHFArguments`` (which creates the output dir), with
-   ``rlhf.llm_kd_weight`` popped before the constructor and re-attached with ``setattr``.
+   ``rlhf.llm_kd_weight`` popped before the constructor and re-attached with ``setattr`` (a mirror for
+   ms-swift users; anchorkd itself reads ``RunSettings.anchor``).
+Data files and teacher/student compatibility are checked above this package (``anchorkd.checks``).
 """
 
 from __future__ import annotations
@@ -17,35 +19,44 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
+from .rules import ConfigDraft, check_rules
 from .schema import AnchorRlhfKnobs, CustomConfig, validate_model
-from .yaml_io import apply_overrides, load_yaml_with_extends, resolve_references
+from .settings import AnchorSettings, RunMode, RunSettings, TeacherMode
+from .yaml_io import (
+    apply_overrides,
+    load_yaml_with_extends,
+    parse_override,
+    read_yaml_mapping,
+    resolve_references,
+)
 
 logger = logging.getLogger("anchorkd")
 
 RESOLVED_CONFIG_NAME = "anchorkd_config.yaml"
+COMMAND_LINE = "(command line)"
 # Environment variables ms-swift's argument constructors set from the output dir.
 _ENV_SET_BY_SWIFT_ARGS = ("TENSORBOARD_LOGGING_DIR",)
-RunMode = Literal["sft", "gkd", "rlhf"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ResolvedConfig:
-    """A validated config: merged sections, anchorkd's own knobs, and what kind of run it is."""
+    """A validated config: merged sections, anchorkd's own knobs, what kind of run it is, and where each
+    value came from. ``sections`` are not to be changed after resolution."""
 
     sections: dict[str, dict]
     custom: CustomConfig
     llm_kd_weight: float
     mode: RunMode
-    sources: list[Path]
-    teacher_mode: str = "none"  # none | base_anchor | separate
+    sources: tuple[Path, ...]
+    overridden: frozenset[str] = frozenset()
 
     @property
     def visual_kd_active(self) -> bool:
@@ -72,43 +83,26 @@ class ResolvedConfig:
         return header + yaml.safe_dump(body, sort_keys=False)
 
 
-@dataclasses.dataclass
-class LoadedConfig:
-    """What ``load_training_config`` returns; unpacks as ``config, train_args``."""
-
-    config: ResolvedConfig
-    train_args: Any  # swift.arguments.SftArguments | RLHFArguments
-
-    def __iter__(self) -> Iterator[Any]:
-        yield self.config
-        yield self.train_args
-
-
 class ConfigLoader:
-    """Turns anchorkd YAML configs into validated ms-swift argument objects."""
+    """Turns anchorkd YAML configs into validated ms-swift argument objects and anchorkd settings."""
 
     @classmethod
     def resolve(
         cls, path: str | Path, overrides: Iterable[str] = (), check_files: bool = True
     ) -> ResolvedConfig:
         """Steps 1-4: everything that can be checked without constructing ms-swift objects."""
+        overrides = tuple(overrides)
         raw, sources = load_yaml_with_extends(path)
         raw = resolve_references(apply_overrides(raw, overrides))
-        source = str(sources[-1])
-        sections = _split_sections(raw, source)
-        custom = validate_model(CustomConfig, sections.pop("custom"), "custom", source)
-        knobs = validate_model(
-            AnchorRlhfKnobs,
-            {k: v for k, v in sections["rlhf"].items() if k in swift_keys.ANCHORKD_RLHF_KEYS},
-            "rlhf",
-            source,
-        )
-        args_cls = _args_cls(bool(sections["rlhf"].get("rlhf_type")))
-        _check_swift_keys(sections, args_cls, source)
-        config = ResolvedConfig(sections, custom, knobs.llm_kd_weight, "sft", sources)
-        _apply_run_rules(config, source)
-        if check_files:
-            _check_paths(config)
+        origins = _Origins(sources, overrides)
+        with origins.attributed():
+            draft = _draft(raw)
+            errors = check_rules(draft)
+            if errors:
+                raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+            config = _derive(draft, sources, origins.overridden)
+            if check_files:
+                _check_checkpoints(config)
         return config
 
     @classmethod
@@ -119,21 +113,21 @@ class ConfigLoader:
         *,
         create_output_dir: bool = True,
         check_files: bool = True,
-    ) -> LoadedConfig:
-        """Resolve ``path`` and build the ms-swift argument object for it.
+    ) -> RunSettings:
+        """Resolve ``path`` and build the run's settings: ms-swift's argument object and anchorkd's.
 
-        Returns ``(config, train_args)``: ``SftArguments`` for SFT (ms-swift 4.x's name for the
+        Unpacks as ``(config, train_args)``: ``SftArguments`` for SFT (ms-swift 4.x's name for the
         TrainArguments role) or ``RLHFArguments`` when ``rlhf.rlhf_type`` is set and some KD weight is
-        positive. ``train_args.llm_kd_weight`` and ``train_args.training_args.llm_kd_weight`` carry the
+        positive. ``train_args.llm_kd_weight`` and ``train_args.training_args.llm_kd_weight`` mirror the
         weight. With ``create_output_dir=False`` the arguments are built against a throwaway output dir
         (``anchorkd validate``), so validation never writes into the user's output dir.
         """
         config = cls.resolve(path, overrides, check_files=check_files)
-        return LoadedConfig(config, cls.build_train_args(config, create_output_dir=create_output_dir))
+        return cls.build_settings(config, create_output_dir=create_output_dir)
 
     @classmethod
-    def build_train_args(cls, config: ResolvedConfig, *, create_output_dir: bool = True):
-        """Step 5 alone: the ms-swift argument object for an already resolved config."""
+    def build_settings(cls, config: ResolvedConfig, *, create_output_dir: bool = True) -> RunSettings:
+        """Step 5 alone: ms-swift's argument object and the frozen settings for a resolved config."""
         kwargs = config.swift_kwargs()
         _apply_offline_defaults(config, kwargs)
         args_cls = _args_cls(config.mode != "sft")
@@ -152,26 +146,99 @@ class ConfigLoader:
                         os.environ[name] = value
         else:
             train_args = _construct(args_cls, kwargs)
-        _settle_teacher_mode(train_args, config)
-        _attach_knobs(train_args, config)
-        return train_args
+        teacher_mode = _settle_teacher_mode(train_args, config)
+        _mirror_llm_kd_weight(train_args, config.llm_kd_weight)
+        return RunSettings(config, train_args, AnchorSettings.from_config(config, teacher_mode))
 
     @staticmethod
     def write_resolved(config: ResolvedConfig, output_dir: str | Path) -> Path:
-        target = Path(output_dir) / RESOLVED_CONFIG_NAME
-        tmp = target.with_suffix(".yaml.tmp")
-        tmp.write_text(config.to_yaml())
-        os.replace(tmp, target)
-        return target
+        from ..io import atomic_write_text
+
+        return atomic_write_text(Path(output_dir) / RESOLVED_CONFIG_NAME, config.to_yaml())
+
+
+class _Origins:
+    """Where each value came from: the command line, or the last file of the ``extends`` chain that sets it."""
+
+    def __init__(self, sources: list[Path], overrides: tuple[str, ...]):
+        self.sources = sources
+        self.overridden = frozenset(".".join(parse_override(text)[0]) for text in overrides)
+        self._files: list[tuple[Path, dict]] | None = None
+
+    def of(self, key_path: str) -> str:
+        parts = key_path.replace("[", ".[").split(".")
+        keys = [p for p in parts if p and not p.startswith("[")]
+        for depth in range(len(keys), 0, -1):
+            if ".".join(keys[:depth]) in self.overridden:
+                return COMMAND_LINE
+        for path, data in reversed(self._read()):
+            node: Any = data
+            for key in keys:
+                if not isinstance(node, dict) or key not in node:
+                    break
+                node = node[key]
+            else:
+                return str(path)
+        return str(self.sources[-1])
+
+    def _read(self) -> list[tuple[Path, dict]]:
+        if self._files is None:
+            self._files = [(path, read_yaml_mapping(path)) for path in self.sources]
+        return self._files
+
+    @contextlib.contextmanager
+    def attributed(self):
+        """Re-raise ConfigErrors with the origin of their key."""
+        try:
+            yield
+        except ConfigErrors as exc:
+            raise ConfigErrors([self._with_origin(err) for err in exc.errors]) from None
+        except ConfigError as exc:
+            raise self._with_origin(exc) from None
+
+    def _with_origin(self, err: ConfigError) -> ConfigError:
+        if err.source is not None:
+            return err
+        return ConfigError(err.key_path, err.rule, self.of(err.key_path))
+
+
+def _draft(raw: dict) -> ConfigDraft:
+    sections = _split_sections(raw)
+    custom = validate_model(CustomConfig, sections.pop("custom"), "custom")
+    knobs = validate_model(
+        AnchorRlhfKnobs,
+        {k: v for k, v in sections["rlhf"].items() if k in swift_keys.ANCHORKD_RLHF_KEYS},
+        "rlhf",
+    )
+    _check_swift_keys(sections, _args_cls(bool(sections["rlhf"].get("rlhf_type"))))
+    return ConfigDraft(sections, custom, knobs)
+
+
+def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str]) -> ResolvedConfig:
+    """The run mode. GKD with every KD weight at 0 is plain SFT: no teacher is loaded, CE has weight 1."""
+    sections, custom, weight = draft.sections, draft.custom, draft.knobs.llm_kd_weight
+    if not draft.is_gkd:
+        # Other ms-swift RLHF types (dpo, grpo, ...) run through ms-swift's own trainers unchanged.
+        mode: RunMode = "rlhf" if draft.rlhf.get("rlhf_type") else "sft"
+    elif weight > 0 or custom.visual_kd.active:
+        mode = "gkd"
+    else:
+        logger.info("every KD weight is 0: running plain SFT (teacher not loaded, CE weight 1.0)")
+        mode = "sft"
+        sections = {**sections, "rlhf": {}}
+        if custom.trainer_variant == "gkd_monitor":
+            custom = custom.model_copy(update={"trainer_variant": "default"})
+    return ResolvedConfig(sections, custom, weight, mode, tuple(sources), overridden)
 
 
 def _args_cls(rlhf: bool):
-    from swift.arguments import RLHFArguments, SftArguments
+    from ..swift_seam import arguments_classes
 
-    return RLHFArguments if rlhf else SftArguments
+    sft_cls, rlhf_cls = arguments_classes()
+    return rlhf_cls if rlhf else sft_cls
 
 
-def _split_sections(raw: dict, source: str) -> dict[str, dict]:
+def _split_sections(raw: dict) -> dict[str, dict]:
     errors = []
     for key in raw:
         if key not in swift_keys.SECTIONS:
@@ -183,14 +250,14 @@ def _split_sections(raw: dict, source: str) -> dict[str, dict]:
                 rule = "unknown section; valid sections: " + ", ".join(swift_keys.SECTIONS)
                 if hints:
                     rule += f" (did you mean {hints[0]}?)"
-            errors.append(ConfigError(str(key), rule, source))
+            errors.append(ConfigError(str(key), rule))
     sections: dict[str, dict] = {}
     for name in swift_keys.SECTIONS:
         value = raw.get(name)
         if value is None:  # absent, or a bare ``section:`` with nothing under it
             value = {}
         if not isinstance(value, dict):
-            errors.append(ConfigError(name, f"must be a mapping, got {type(value).__name__}", source))
+            errors.append(ConfigError(name, f"must be a mapping, got {type(value).__name__}"))
             value = {}
         sections[name] = dict(value)
     if errors:
@@ -198,7 +265,7 @@ def _split_sections(raw: dict, source: str) -> dict[str, dict]:
     return sections
 
 
-def _check_swift_keys(sections: dict[str, dict], args_cls, source: str) -> None:
+def _check_swift_keys(sections: dict[str, dict], args_cls) -> None:
     errors = []
     # ``rlhf`` keys are RLHFArguments fields whatever the run: type-check them there, so that an rlhf key
     # without rlhf.rlhf_type reaches the rule that says so instead of "not an argument of SftArguments".
@@ -210,126 +277,13 @@ def _check_swift_keys(sections: dict[str, dict], args_cls, source: str) -> None:
                 swift_keys.check_section_key(section, key)
                 sections[section][key] = swift_keys.coerce_swift_value(section_cls, section, key, value)
             except ConfigError as err:
-                errors.append(ConfigError(err.key_path, err.rule, source))
+                errors.append(err)
     if not sections["model"].get("model"):
-        errors.append(ConfigError("model.model", "required: the base checkpoint path (or hub id)", source))
+        errors.append(ConfigError("model.model", "required: the base checkpoint path (or hub id)"))
     if not sections["data"].get("dataset") and not sections["data"].get("cached_dataset"):
-        errors.append(ConfigError("data.dataset", "required: at least one training data file", source))
+        errors.append(ConfigError("data.dataset", "required: at least one training data file"))
     if errors:
         raise ConfigErrors(errors)
-
-
-# --- cross-section rules: one function per rule -------------------------------------------------
-
-
-def _rule_rlhf_keys_need_rlhf_type(config: ResolvedConfig, source: str) -> None:
-    rlhf = config.sections["rlhf"]
-    stray = [k for k in rlhf if k not in swift_keys.ANCHORKD_RLHF_KEYS and k != "rlhf_type"]
-    if stray and not rlhf.get("rlhf_type"):
-        raise ConfigError(f"rlhf.{stray[0]}", "needs rlhf.rlhf_type (e.g. rlhf_type: gkd)", source)
-
-
-def _rule_gkd_monitor_needs_gkd(config: ResolvedConfig, source: str) -> None:
-    if config.custom.trainer_variant == "gkd_monitor" and config.sections["rlhf"].get("rlhf_type") != "gkd":
-        raise ConfigError("custom.trainer_variant", "gkd_monitor requires rlhf.rlhf_type: gkd", source)
-
-
-def _rule_kd_weight_needs_gkd_monitor(config: ResolvedConfig, source: str) -> None:
-    rlhf = config.sections["rlhf"]
-    if (
-        rlhf.get("rlhf_type") == "gkd"
-        and config.custom.trainer_variant != "gkd_monitor"
-        and config.llm_kd_weight != 1.0
-    ):
-        raise ConfigError(
-            "rlhf.llm_kd_weight",
-            f"is {config.llm_kd_weight}, but ms-swift's own GKD trainer (custom.trainer_variant: default) always "
-            "weighs the KD term by 1.0: set custom.trainer_variant: gkd_monitor",
-            source,
-        )
-
-
-def _rule_visual_kd_needs_gkd_monitor(config: ResolvedConfig, source: str) -> None:
-    if config.custom.visual_kd.enabled and config.custom.trainer_variant != "gkd_monitor":
-        raise ConfigError(
-            "custom.visual_kd.enabled",
-            "visual KD runs in anchorkd's trainer: set custom.trainer_variant: gkd_monitor and rlhf.rlhf_type: gkd",
-            source,
-        )
-
-
-def _rule_seq_kd_unsupported(config: ResolvedConfig, source: str) -> None:
-    if config.sections["rlhf"].get("seq_kd"):
-        raise ConfigError(
-            "rlhf.seq_kd",
-            "seq_kd: true (teacher-generated responses) is not supported: ms-swift 4.6.0 removed it. "
-            "Use seq_kd: false with lmbda: 0 (forward-only KD) or lmbda > 0 (on-policy student sampling)",
-            source,
-        )
-
-
-def _rule_teacher_required_for_kd(config: ResolvedConfig, source: str) -> None:
-    rlhf = config.sections["rlhf"]
-    if rlhf.get("rlhf_type") != "gkd":
-        return
-    kd_requested = config.llm_kd_weight > 0 or config.custom.visual_kd.weight > 0
-    if kd_requested and not rlhf.get("teacher_model") and not rlhf.get("teacher_model_server"):
-        which = "rlhf.llm_kd_weight" if config.llm_kd_weight > 0 else "custom.visual_kd.weight"
-        raise ConfigError(
-            "rlhf.teacher_model",
-            f"required when {which} > 0: give the frozen teacher checkpoint "
-            "(the base model's path for KL-anchored SFT)",
-            source,
-        )
-
-
-def _rule_visual_kd_needs_trainable_vision(config: ResolvedConfig, source: str) -> None:
-    if not config.custom.visual_kd.enabled:
-        return
-    tuner = config.sections["tuner"]
-    # ms-swift freezes both by default for multimodal models.
-    if tuner.get("freeze_vit", True) and tuner.get("freeze_aligner", True):
-        raise ConfigError(
-            "custom.visual_kd",
-            "the vision tower and aligner are both frozen (tuner.freeze_vit / tuner.freeze_aligner, "
-            "true by default), so the merger features never move and the visual KD term would be "
-            "identically zero: set tuner.freeze_aligner: false (or freeze_vit: false)",
-            source,
-        )
-
-
-def _rule_choose_run_mode(config: ResolvedConfig, source: str) -> None:
-    """GKD with every KD weight at 0 is plain SFT: no teacher is loaded, CE has weight 1."""
-    rlhf = config.sections["rlhf"]
-    if rlhf.get("rlhf_type") != "gkd":
-        # Other ms-swift RLHF types (dpo, grpo, ...) run through ms-swift's own trainers unchanged.
-        config.mode = "rlhf" if rlhf.get("rlhf_type") else "sft"
-        return
-    if config.llm_kd_weight > 0 or config.custom.visual_kd.active:
-        config.mode = "gkd"
-        return
-    logger.info("every KD weight is 0: running plain SFT (teacher not loaded, CE weight 1.0)")
-    config.mode = "sft"
-    config.sections["rlhf"] = {}
-    if config.custom.trainer_variant == "gkd_monitor":
-        config.custom = config.custom.model_copy(update={"trainer_variant": "default"})
-
-
-RUN_RULES = (
-    _rule_rlhf_keys_need_rlhf_type,
-    _rule_gkd_monitor_needs_gkd,
-    _rule_kd_weight_needs_gkd_monitor,
-    _rule_visual_kd_needs_gkd_monitor,
-    _rule_seq_kd_unsupported,
-    _rule_teacher_required_for_kd,
-    _rule_visual_kd_needs_trainable_vision,
-    _rule_choose_run_mode,
-)
-
-
-def _apply_run_rules(config: ResolvedConfig, source: str) -> None:
-    for rule in RUN_RULES:
-        rule(config, source)
 
 
 # --- files on disk ----------------------------------------------------------------------------------
@@ -360,20 +314,31 @@ def _check_checkpoint(key_path: str, value: str | None) -> None:
         raise ConfigError(key_path, f"not a checkpoint (no config.json or adapter_config.json): {path}")
 
 
-def _check_paths(config: ResolvedConfig) -> None:
-    from ..data.validate import validate_dataset_entry
-
-    model, rlhf, data = config.sections["model"], config.sections["rlhf"], config.sections["data"]
+def _check_checkpoints(config: ResolvedConfig) -> None:
+    model, rlhf, tuner = config.sections["model"], config.sections["rlhf"], config.sections["tuner"]
     _check_checkpoint("model.model", model.get("model"))
-    for i, adapter in enumerate(config.sections["tuner"].get("adapters", []) or []):
+    for i, adapter in enumerate(tuner.get("adapters", []) or []):
         _check_checkpoint(f"tuner.adapters[{i}]", adapter)
     if config.mode == "gkd":
         _check_checkpoint("rlhf.teacher_model", rlhf.get("teacher_model"))
         for i, adapter in enumerate(rlhf.get("teacher_adapters", []) or []):
             _check_checkpoint(f"rlhf.teacher_adapters[{i}]", adapter)
-    for key in ("dataset", "val_dataset"):
-        for i, entry in enumerate(data.get(key, []) or []):
-            validate_dataset_entry(entry, key_path=f"data.{key}[{i}]")
+    _check_resume_checkpoint(config.sections["training"].get("resume_from_checkpoint"))
+
+
+def _check_resume_checkpoint(value: str | None) -> None:
+    if not value:
+        return
+    path = Path(value).expanduser()
+    key_path = "training.resume_from_checkpoint"
+    if not path.is_dir():
+        raise ConfigError(
+            key_path, f"checkpoint folder not found: {path} (give a checkpoint-N folder of a run)"
+        )
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(
+            key_path, f"{path} is not a complete training checkpoint: trainer_state.json is missing"
+        )
 
 
 def uses_only_local_paths(config: ResolvedConfig) -> bool:
@@ -420,7 +385,7 @@ def _remove_created(output_dir: str | None, existed: bool, before: set[str]) -> 
                 shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
 
 
-def _settle_teacher_mode(train_args, config: ResolvedConfig) -> None:
+def _settle_teacher_mode(train_args, config: ResolvedConfig) -> TeacherMode:
     """Keep ms-swift's adapter-disabled teacher only where it really is the base model.
 
     ms-swift uses "student with LoRA disabled" as the teacher whenever ``teacher_model == model`` and
@@ -429,12 +394,12 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> None:
     Weights trained outside LoRA (``modules_to_save``, ``trainable_parameters[_regex]``) would stay
     switched on in such a "teacher", anchoring the student partly to itself: load a frozen copy then.
     """
+    from ..swift_seam import teacher_is_disabled_adapter, use_separate_teacher_copy
+
     if config.mode != "gkd":
-        config.teacher_mode = "none"
-        return
-    if not getattr(train_args, "_teacher_use_disable_adapter", False):
-        config.teacher_mode = "separate"
-        return
+        return "none"
+    if not teacher_is_disabled_adapter(train_args):
+        return "separate"
     tuner = config.sections["tuner"]
     trained_outside_lora = [
         key
@@ -442,22 +407,15 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> None:
         if tuner.get(key)
     ]
     if not trained_outside_lora:
-        config.teacher_mode = "base_anchor"
-        return
+        return "base_anchor"
     logger.info(
         "teacher = base checkpoint, but %s train outside LoRA: loading a frozen copy", trained_outside_lora
     )
-    train_args._teacher_use_disable_adapter = False
-    train_args.teacher_model = config.sections["model"]["model"]
-    # ms-swift cannot always infer the type of a local folder; the copy is the student's own.
-    train_args.teacher_model_type = train_args.teacher_model_type or train_args.model_type
-    config.teacher_mode = "separate"
+    use_separate_teacher_copy(train_args, config.sections["model"]["model"])
+    return "separate"
 
 
-def _attach_knobs(train_args, config: ResolvedConfig) -> None:
-    """Re-attach anchorkd's knobs to ms-swift's objects (their constructors do not know them)."""
-    for target in (train_args, getattr(train_args, "training_args", None)):
-        if target is None:
-            continue
-        setattr(target, "llm_kd_weight", config.llm_kd_weight)  # noqa: B010
-        setattr(target, "anchorkd_custom", config.custom)  # noqa: B010
+def _mirror_llm_kd_weight(train_args, weight: float) -> None:
+    """Spec 003: the weight is visible on ms-swift's objects too (a mirror; anchorkd reads RunSettings)."""
+    for target in (train_args, train_args.training_args):
+        setattr(target, "llm_kd_weight", weight)  # noqa: B010

@@ -15,7 +15,7 @@ from ..errors import ConfigError, ConfigErrors
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _non_negative_finite_number(value, what: str):
@@ -108,7 +108,8 @@ class CustomConfig(StrictModel):
     trainer_variant: Literal["default", "gkd_monitor"] = "default"
     visual_kd: VisualKDConfig = Field(default_factory=VisualKDConfig)
     kd_loss_impl: Literal["fused", "reference"] = "fused"
-    kd_chunk_size: Annotated[int, Field(gt=0)] = 1024
+    # None: the fused loss's own default (anchorkd.losses.fused.DEFAULT_CHUNK_SIZE), the one default.
+    kd_chunk_size: Annotated[int, Field(gt=0)] | None = None
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
 

@@ -30,28 +30,17 @@ SECTION_ALIASES = {
 }
 
 
-def _declared_fields(cls) -> set[str]:
-    """Fields a dataclass declares itself (not inherited)."""
-    return set(cls.__dict__.get("__annotations__", {}))
-
-
 @functools.lru_cache(maxsize=1)
 def section_fields() -> dict[str, frozenset[str]]:
     """Map each ms-swift-backed section to the argument names it accepts."""
-    from swift.arguments import RLHFArguments, SftArguments
-    from swift.arguments.base_args.data_args import DataArguments
-    from swift.arguments.base_args.model_args import ModelArguments
-    from swift.arguments.base_args.quant_args import QuantizeArguments
-    from swift.arguments.base_args.template_args import TemplateArguments
-    from swift.arguments.tuner_args import TunerArguments
+    from ..swift_seam import arguments_classes, declared_fields, field_names, section_dataclasses
 
-    sft_fields = {f.name for f in dataclasses.fields(SftArguments)}
-    rlhf_all = {f.name for f in dataclasses.fields(RLHFArguments)}
+    SftArguments, RLHFArguments = arguments_classes()
+    sft_fields = field_names(SftArguments)
+    rlhf_all = field_names(RLHFArguments)
     grouped = {
-        "model": _declared_fields(ModelArguments) | _declared_fields(QuantizeArguments),
-        "data": _declared_fields(DataArguments),
-        "template": _declared_fields(TemplateArguments),
-        "tuner": _declared_fields(TunerArguments),
+        section: set().union(*(declared_fields(cls) for cls in classes))
+        for section, classes in section_dataclasses().items()
     }
     claimed = set().union(*grouped.values())
     rlhf_only = rlhf_all - sft_fields
@@ -60,7 +49,7 @@ def section_fields() -> dict[str, frozenset[str]]:
     for klass in RLHFArguments.__mro__:
         if klass is SftArguments:
             break
-        rlhf_declared |= _declared_fields(klass)
+        rlhf_declared |= declared_fields(klass)
     grouped["rlhf"] = (rlhf_only | (rlhf_declared & rlhf_all)) | set(ANCHORKD_RLHF_KEYS)
     grouped["training"] = sft_fields - claimed
     for section, keys in SECTION_ALIASES.items():

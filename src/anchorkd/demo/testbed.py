@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from ..io import iter_jsonl, read_json_object, real_number, sha256_bytes, sha256_file
+from ..resources import shipped_configs_dir
 from .assets import DATA_DIR, TINY_MODEL_DIR, TINY_MODEL_STAMP, prepare_demo_assets
 
 logger = logging.getLogger("anchorkd")
@@ -98,6 +99,12 @@ class TestbedPaths:
 
     def seed_dir(self, seed: int) -> Path:
         return self.root / f"seed-{seed}"
+
+
+def testbed_paths(root: str | Path, configs: str | Path | None = None) -> TestbedPaths:
+    """The testbed under ``root``; its recipes come from ``configs`` or, by default, the shipped ones."""
+    configs = shipped_configs_dir() / "testbed" if configs is None else configs
+    return TestbedPaths(Path(root).resolve(), Path(configs).resolve())
 
 
 @dataclass
@@ -242,7 +249,7 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 def run_testbed(
     root: str | Path = "outputs/testbed",
-    configs: str | Path = "configs/testbed",
+    configs: str | Path | None = None,
     seeds: tuple[int, ...] = (0,),
     sizes: TestbedSizes | None = None,
     runs: tuple[str, ...] = tuple(RUN_CONFIGS),
@@ -252,7 +259,7 @@ def run_testbed(
     from ..eval.score import TEXT_EVAL_FILE, read_text_eval
 
     sizes = sizes or TestbedSizes()
-    paths = TestbedPaths(Path(root).resolve(), Path(configs).resolve())
+    paths = testbed_paths(root, configs)
     timings: dict[str, float] = {}
     started = time.monotonic()
 

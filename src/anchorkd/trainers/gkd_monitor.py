@@ -22,15 +22,14 @@ import math
 from collections import defaultdict
 
 import torch
-from swift.rlhf_trainers.gkd_loss import DataSource
-from swift.rlhf_trainers.gkd_trainer import GKDTrainer
-from swift.trainers import disable_gradient_checkpointing
 
-from ..config.schema import CustomConfig
+from .. import swift_seam as seam
+from ..config.settings import AnchorSettings
 from ..errors import ConfigError
 from ..losses.fused import fused_ce_jsd
 from ..losses.jsd import IGNORE_INDEX, generalized_jsd, masked_ce
 from ..losses.visual import visual_kd_loss
+from ..monitor.terms import METRIC_NAMES
 from .features import (
     STUDENT,
     TEACHER,
@@ -44,8 +43,6 @@ from .features import (
 logger = logging.getLogger("anchorkd")
 
 BODY = "body"
-# Every metric this trainer logs; "loss" itself is logged by the HF Trainer from the returned loss.
-METRIC_NAMES = ("sft_loss", "llm_kd_loss", "vision_kd_loss", "token_accuracy", "token_count")
 _WINDOW_TOKENS = "anchorkd_window_tokens"
 _WINDOW_VISUAL_TOKENS = "anchorkd_window_visual_tokens"
 
@@ -70,72 +67,50 @@ def visual_tokens(model_inputs: dict, merge_size: int) -> int:
     return total
 
 
-class GKDTrainerWithMetrics(GKDTrainer):
-    """Subclass of ms-swift's ``GKDTrainer`` (no ms-swift file is changed)."""
+class GKDTrainerWithMetrics(seam.gkd_trainer_base()):
+    """Subclass of ms-swift's ``GKDTrainer`` (no ms-swift file is changed).
 
-    def __init__(self, model=None, *args, **kwargs):
+    ``anchor_settings`` (``RunSettings.anchor``) carries every anchorkd knob; the pipeline passes it.
+    """
+
+    def __init__(self, model=None, *args, anchor_settings: AnchorSettings, **kwargs):
         super().__init__(model, *args, **kwargs)
-        training_args = self.args
-        self.llm_kd_weight = float(getattr(training_args, "llm_kd_weight", 1.0))
-        custom: CustomConfig = getattr(training_args, "anchorkd_custom", None) or CustomConfig()
-        self.visual_kd = custom.visual_kd
-        self.kd_loss_impl = custom.kd_loss_impl
-        self.kd_chunk_size = custom.kd_chunk_size
+        self.anchor = anchor_settings
         # Our loss is already normalised over the accumulation window; HF must not divide it again.
         self.loss_is_scaled_for_ga = True
         self._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._warned_nonfinite: set[tuple[str, int]] = set()
-        self._check_supported()
+        self._check_matches_settings()
         self._capture = FeatureCapture()
         self._register_hooks()
         self._warn_forward_only_knobs()
 
     # --- set-up --------------------------------------------------------------------------------
 
-    def _check_supported(self) -> None:
-        if self.use_teacher_api:
-            raise ConfigError(
-                "rlhf.teacher_model_server", "not supported by custom.trainer_variant: gkd_monitor"
-            )
-        if self.gkd_logits_topk is not None:
-            raise ConfigError(
-                "rlhf.gkd_logits_topk", "not supported by gkd_monitor (it uses the full vocabulary)"
-            )
-        if self.use_liger_gkd_loss:
-            raise ConfigError(
-                "training.use_liger_kernel", "gkd_monitor has its own fused KD loss; turn liger off"
-            )
-        if self.kd_active and not self._has_local_teacher:
+    def _check_matches_settings(self) -> None:
+        """The rules (``anchorkd.config.rules``) refused every unsupported combination before any model
+        loaded; this only guards against a trainer built by hand around them."""
+        if self.anchor.kd_active and self.teacher_mode != self.anchor.teacher_mode:
             raise ConfigError(
                 "rlhf.teacher_model",
-                "KD is active but no frozen teacher was loaded (self-distillation against the moving student "
-                "is not an anchor)",
+                f"the trainer got teacher mode {self.teacher_mode!r} but the settings say "
+                f"{self.anchor.teacher_mode!r}: build trainers through anchorkd's pipeline",
             )
-        if self.teacher_model is not None and getattr(self.args, "offload_teacher_model", False):
-            # ms-swift moves an offloaded teacher back to the device only inside its own compute_loss;
-            # ours would run it (and read its LM head for the fused loss) while it sits on the CPU.
-            raise ConfigError(
-                "rlhf.offload_teacher_model",
-                "not supported by gkd_monitor: the teacher must stay on the training device",
-            )
-
-    @property
-    def kd_active(self) -> bool:
-        return self.llm_kd_weight > 0 or self.visual_kd.active
-
-    @property
-    def _has_local_teacher(self) -> bool:
-        return self.teacher_model is not None or self._teacher_use_disable_adapter
 
     @property
     def teacher_mode(self) -> str:
+        """What ms-swift actually set up (checked against the settings at construction)."""
         if self.teacher_model is not None:
             return "separate"
-        return "base_anchor" if self._teacher_use_disable_adapter else "none"
+        return "base_anchor" if seam.teacher_is_disabled_adapter(self) else "none"
+
+    @property
+    def visual_kd(self):
+        return self.anchor.visual_kd
 
     def _register_hooks(self) -> None:
         student = self.accelerator.unwrap_model(self.model)
-        shared_roles = (STUDENT, TEACHER) if self._teacher_use_disable_adapter else (STUDENT,)
+        shared_roles = (STUDENT, TEACHER) if self.anchor.teacher_mode == "base_anchor" else (STUDENT,)
         watched = {BODY: find_language_body(student)}
         if self.visual_kd.active:
             watched.update(visual_targets(student, self.visual_kd.targets))
@@ -159,14 +134,12 @@ class GKDTrainerWithMetrics(GKDTrainer):
 
     def _prepare_inputs(self, inputs):
         training = self.model.training
-        new_buffer = training and (
-            self._step % self.args.steps_per_generation == 0 or self._buffered_inputs is None
-        )
+        new_buffer = training and seam.starts_generation_buffer(self)
         batch = super()._prepare_inputs(inputs)
         if not training:
             self._annotate_window([batch])
         elif new_buffer:
-            self._annotate_buffer(self._buffered_inputs)
+            self._annotate_buffer(seam.generation_buffer(self))
         return batch
 
     def _annotate_buffer(self, buffer: list[dict]) -> None:
@@ -182,8 +155,8 @@ class GKDTrainerWithMetrics(GKDTrainer):
 
     def _annotate_window(self, window: list[dict], scale: int = 1) -> None:
         merge = self._spatial_merge_size()
-        tokens = sum(supervised_tokens(b["model_inputs"]) for b in window) * scale
-        vis_tokens = sum(visual_tokens(b["model_inputs"], merge) for b in window) * scale
+        tokens = sum(supervised_tokens(b[seam.MODEL_INPUTS]) for b in window) * scale
+        vis_tokens = sum(visual_tokens(b[seam.MODEL_INPUTS], merge) for b in window) * scale
         for batch in window:
             batch[_WINDOW_TOKENS] = tokens
             batch[_WINDOW_VISUAL_TOKENS] = vis_tokens
@@ -197,23 +170,23 @@ class GKDTrainerWithMetrics(GKDTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        model_inputs = inputs["model_inputs"]
-        if self.kd_active:
-            self._check_teacher_alignment(model_inputs, inputs["teacher_model_inputs"])
+        model_inputs = inputs[seam.MODEL_INPUTS]
+        if self.anchor.kd_active:
+            self._check_teacher_alignment(model_inputs, inputs[seam.TEACHER_INPUTS])
         labels = shift_labels(model_inputs["labels"])
         micro_tokens = int((labels != IGNORE_INDEX).sum())
         window_tokens = max(int(inputs.get(_WINDOW_TOKENS, micro_tokens)), 1)
-        from_dataset = inputs["gkd_batch"].data_source != DataSource.STUDENT
-        lm_kd = self.llm_kd_weight > 0
+        from_dataset = seam.batch_from_dataset(inputs)
+        lm_kd = self.anchor.llm_kd_weight > 0
         ce_weight = (self.args.sft_alpha if lm_kd else 1.0) if from_dataset else 0.0
-        fused = self.kd_loss_impl == "fused"
+        fused = self.anchor.kd_loss_impl == "fused"
 
         forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
         with self._capture.role(STUDENT) as student_features:
             outputs = model(**forward_inputs, **({"logits_to_keep": 1} if fused else {}))
         teacher_features: dict[str, torch.Tensor] = {}
         if lm_kd or self.visual_kd.active:
-            teacher_inputs = {k: v for k, v in inputs["teacher_model_inputs"].items() if k != "labels"}
+            teacher_inputs = {k: v for k, v in inputs[seam.TEACHER_INPUTS].items() if k != "labels"}
             teacher_features = self._run_teacher_forward(model, teacher_inputs, need_lm=lm_kd, fused=fused)
 
         if fused:
@@ -225,8 +198,8 @@ class GKDTrainerWithMetrics(GKDTrainer):
         loss = ce_weight * ce
         micro_metrics = {"sft_loss": ce_weight * ce.detach()}
         if lm_kd:
-            loss = loss + self.llm_kd_weight * jsd
-            micro_metrics["llm_kd_loss"] = self.llm_kd_weight * jsd.detach()
+            loss = loss + self.anchor.llm_kd_weight * jsd
+            micro_metrics["llm_kd_loss"] = self.anchor.llm_kd_weight * jsd.detach()
         visual = self._visual_term(student_features, teacher_features, model_inputs, inputs)
         if visual is not None:
             visual_mean, window_share, micro_visual_tokens = visual
@@ -270,7 +243,7 @@ class GKDTrainerWithMetrics(GKDTrainer):
         with (
             torch.inference_mode(),  # no autograd state is kept for the teacher, in either mode
             adapter_off,
-            disable_gradient_checkpointing(teacher, self.args.gradient_checkpointing_kwargs),
+            seam.disable_gradient_checkpointing(teacher, self.args.gradient_checkpointing_kwargs),
             self._capture.role(TEACHER) as captured,
         ):
             if need_lm:
@@ -307,7 +280,7 @@ class GKDTrainerWithMetrics(GKDTrainer):
             teacher_weight,
             beta=self.beta,
             temperature=self.temperature,
-            chunk_size=self.kd_chunk_size,
+            **({"chunk_size": self.anchor.kd_chunk_size} if self.anchor.kd_chunk_size else {}),
             num_items=window_tokens,
             compute_ce=True,
             compute_jsd=lm_kd,
@@ -361,7 +334,7 @@ class GKDTrainerWithMetrics(GKDTrainer):
         for name, value in micro_metrics.items():
             self._record_value(mode, name, float(value) * to_micro_mean, micro_tokens)
         self._record_value(mode, "token_accuracy", correct / max(micro_tokens, 1), micro_tokens)
-        self._metrics[mode]["token_count"].append(float(micro_tokens))
+        seam.metric_store(self)[mode]["token_count"].append(float(micro_tokens))
 
     def _record_value(self, mode: str, name: str, value, weight: int) -> None:
         """Append one micro-batch value with its averaging weight; warn once per term and step on NaN/Inf."""
@@ -370,14 +343,17 @@ class GKDTrainerWithMetrics(GKDTrainer):
         if not math.isfinite(value) and (name, step) not in self._warned_nonfinite:
             self._warned_nonfinite.add((name, step))
             logger.warning("non-finite %s (%s) at step %d", name, value, step)
-        self._metrics[mode][name].append(value)
+        seam.metric_store(self)[mode][name].append(value)
         self._metric_weights[mode][name].append(weight)
 
     def reduce_metrics(self, mode: str) -> dict[str, float]:
         """Token-weighted means since the last log, over accumulation steps and (under torchrun) ranks."""
         sums = []
         for name in METRIC_NAMES:
-            values, weights = self._metrics[mode].get(name, []), self._metric_weights[mode].get(name, [])
+            values, weights = (
+                seam.metric_store(self)[mode].get(name, []),
+                self._metric_weights[mode].get(name, []),
+            )
             if name == "token_count":
                 sums += [sum(values), float(len(values))]
             else:
@@ -390,7 +366,7 @@ class GKDTrainerWithMetrics(GKDTrainer):
             total, weight = totals[2 * index].item(), totals[2 * index + 1].item()
             if weight > 0:
                 reduced[name] = total if name == "token_count" else total / weight
-        self._metrics[mode].clear()
+        seam.metric_store(self)[mode].clear()
         self._metric_weights[mode].clear()
         return reduced
 

@@ -1,9 +1,10 @@
-"""Run ms-swift training in-process from an anchorkd config.
+"""Run ms-swift training in-process from validated ``RunSettings``.
 
-We subclass ms-swift's own pipelines (``SwiftSft`` / ``SwiftRLHF``) and change one thing: the trainer
-class comes from ``resolve_trainer_cls`` so ``custom.trainer_variant: gkd_monitor`` selects anchorkd's
-``GKDTrainerWithMetrics``. Model loading, templates, datasets, LoRA, checkpointing and distributed
-launch (``NPROC_PER_NODE``, ``NNODES``, ... via torchrun) are ms-swift's, unchanged.
+ms-swift's own pipelines (``SwiftSft`` / ``SwiftRLHF``) run unchanged; anchorkd plugs in through their
+extension points: the trainer class is registered in ms-swift's trainer table for the run
+(``resolve_trainer_cls``), ``_get_trainer_kwargs`` hands the trainer its ``AnchorSettings``, and
+``train`` installs anchorkd's callbacks (live alerts, precise telemetry) before training starts. Model
+loading, templates, datasets, LoRA, checkpointing and distributed launch are ms-swift's.
 """
 
 from __future__ import annotations
@@ -11,100 +12,115 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .. import swift_seam as seam
+from ..config.settings import RunSettings
+
 logger = logging.getLogger("anchorkd")
 
 
-def resolve_trainer_cls(train_args):
-    """Trainer class for a run: anchorkd's GKD trainer for ``gkd_monitor``, else ms-swift's own."""
-    from swift.trainers import TrainerFactory
-
-    custom = getattr(train_args, "anchorkd_custom", None)
-    variant = getattr(custom, "trainer_variant", "default")
-    if variant == "gkd_monitor" and getattr(train_args, "rlhf_type", None) == "gkd":
+def resolve_trainer_cls(settings: RunSettings) -> type:
+    """Trainer class for a run: anchorkd's GKD trainer for ``gkd_monitor`` GKD runs, else ms-swift's own."""
+    if settings.anchor.trainer_variant == "gkd_monitor" and settings.mode == "gkd":
         from .gkd_monitor import GKDTrainerWithMetrics
 
         return GKDTrainerWithMetrics
-    return TrainerFactory.get_trainer_cls(train_args)
+    return seam.stock_trainer_cls(settings.train_args)
 
 
-def build_trainer(pipeline, train_dataset, val_dataset):
-    """The trainer ``run`` trains with, on ``pipeline``'s model, template and prepared data sets.
+def _install_callbacks(trainer, settings: RunSettings) -> None:
+    from ..monitor.terms import is_precise_term, logged_value
 
-    ms-swift prepares the model (LoRA, freezing) as ``SwiftSft.run`` does; the class comes from
-    ``resolve_trainer_cls``. Tests build trainers through this function too, so they exercise exactly
-    what a run uses. Sets and returns ``pipeline.trainer``.
-    """
-    args = pipeline.args
-    pipeline.model = pipeline.prepare_model(
-        args, pipeline.model, template=pipeline.template, train_dataset=train_dataset
-    )
-    trainer_cls = resolve_trainer_cls(args)
-    logger.info("trainer: %s.%s", trainer_cls.__module__, trainer_cls.__qualname__)
-    trainer = trainer_cls(
-        model=pipeline.model,
-        args=args.training_args,
-        template=pipeline.template,
-        train_dataset=train_dataset,
-        eval_dataset=val_dataset,
-        **pipeline._get_trainer_kwargs(),
-    )
-    monitor = getattr(getattr(args, "anchorkd_custom", None), "monitor", None)
-    if monitor is not None and monitor.enabled:
+    precise_cls, stock_cls = seam.precise_progress_callback(is_precise_term, logged_value)
+    seam.replace_progress_callback(trainer, precise_cls, stock_cls)
+    monitor = settings.anchor.monitor
+    if monitor.enabled:
         from ..monitor.callback import AlertCallback
 
-        trainer.add_callback(AlertCallback(monitor, args.output_dir))
-    pipeline.trainer = trainer
-    return trainer
+        trainer.add_callback(AlertCallback(monitor, settings.output_dir))
 
 
 def _pipeline_classes():
-    from swift.pipelines.train.rlhf import SwiftRLHF
-    from swift.pipelines.train.sft import SwiftSft
+    swift_sft, swift_rlhf = seam.pipeline_classes()
 
-    class _AnchorRunMixin:
-        """Same steps as ``SwiftSft.run``; the trainer class is ours to choose."""
+    class _AnchorPipelineMixin:
+        """ms-swift's ``run`` with anchorkd's trainer class, settings and callbacks."""
+
+        run_settings: RunSettings
+        trainer = None
+        _train_after_build = True
 
         def run(self):
-            args = self.args
-            train_dataset, val_dataset = self._prepare_dataset()
-            args.save_args()
-            return self.train(build_trainer(self, train_dataset, val_dataset))
+            self._trainer_cls = resolve_trainer_cls(self.run_settings)
+            logger.info("trainer: %s.%s", self._trainer_cls.__module__, self._trainer_cls.__qualname__)
+            with seam.trainer_class_registered(self.args, self._trainer_cls):
+                return super().run()
 
-    class AnchorSft(_AnchorRunMixin, SwiftSft):
+        def _get_trainer_kwargs(self):
+            kwargs = super()._get_trainer_kwargs()
+            from .gkd_monitor import GKDTrainerWithMetrics
+
+            if issubclass(self._trainer_cls, GKDTrainerWithMetrics):
+                kwargs["anchor_settings"] = self.run_settings.anchor
+            return kwargs
+
+        def train(self, trainer):
+            _install_callbacks(trainer, self.run_settings)
+            self.trainer = trainer
+            if not self._train_after_build:
+                return trainer
+            return super().train(trainer)
+
+        def build_trainer(self):
+            """The trainer a run would train with (model prepared, data sets encoded), untrained."""
+            self._train_after_build = False
+            try:
+                return self.run()
+            finally:
+                self._train_after_build = True
+
+    class AnchorSft(_AnchorPipelineMixin, swift_sft):
         pass
 
-    class AnchorRLHF(_AnchorRunMixin, SwiftRLHF):
+    class AnchorRLHF(_AnchorPipelineMixin, swift_rlhf):
         pass
 
     return AnchorSft, AnchorRLHF
 
 
-def build_pipeline(train_args):
-    """The ms-swift pipeline object (model, processor and teacher loaded) for ``train_args``."""
+def build_pipeline(settings: RunSettings):
+    """The ms-swift pipeline object (model, processor and teacher loaded) for ``settings``."""
     anchor_sft, anchor_rlhf = _pipeline_classes()
-    pipeline_cls = anchor_rlhf if hasattr(train_args, "rlhf_type") else anchor_sft
-    return pipeline_cls(train_args)
+    pipeline_cls = anchor_rlhf if settings.mode in ("gkd", "rlhf") else anchor_sft
+    pipeline = pipeline_cls(settings.train_args)
+    pipeline.run_settings = settings
+    return pipeline
 
 
 def run_training(config_path: str | Path, overrides=()) -> dict:
-    """Validate ``config_path``, write the resolved config, train, and return a summary."""
+    """Check ``config_path`` completely, write the resolved config, train, and return a summary."""
+    from ..checks import check_run
     from ..config import ConfigLoader
-    from .preflight import run_preflight
 
-    config = ConfigLoader.resolve(config_path, overrides)
-    if config.mode == "gkd":
-        run_preflight(config)  # before anything is written
-    train_args = ConfigLoader.build_train_args(config)
-    output_dir = Path(train_args.output_dir)
-    ConfigLoader.write_resolved(config, output_dir)
-    pipeline = build_pipeline(train_args)
+    config = check_run(config_path, overrides)  # every rule, data line and checkpoint: before any write
+    settings = ConfigLoader.build_settings(config)
+    output_dir = settings.output_dir
+    if _is_writer_rank():
+        ConfigLoader.write_resolved(config, output_dir)
+    pipeline = build_pipeline(settings)
     result = pipeline.main()
-    trainer = getattr(pipeline, "trainer", None)
-    summary = {
+    trainer = pipeline.trainer
+    return {
         "output_dir": str(output_dir),
         "logging_jsonl": str(output_dir / "logging.jsonl"),
         "last_checkpoint": (result or {}).get("last_model_checkpoint") if isinstance(result, dict) else None,
-        "global_step": getattr(getattr(trainer, "state", None), "global_step", None),
-        "mode": config.mode,
+        "global_step": trainer.state.global_step if trainer is not None else None,
+        "mode": settings.mode,
     }
-    return summary
+
+
+def _is_writer_rank() -> bool:
+    """One process writes the run's own files. Read from torchrun's environment: the process group does
+    not exist yet when the resolved config is written."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

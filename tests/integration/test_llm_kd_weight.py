@@ -49,7 +49,7 @@ def approx(expected, rel=REL, abs_=0.0):
 def test_positive_weight_with_teacher_attached(anchor, impl):
     """w = 0.5, visual KD off: loss = 0.5 * jsd + sft_alpha * ce; metrics and logs carry 0.5 * jsd."""
     trainer = anchor
-    assert trainer.llm_kd_weight == 0.5 and trainer.args.sft_alpha == 0.3
+    assert trainer.anchor.llm_kd_weight == 0.5 and trainer.args.sft_alpha == 0.3
     assert not trainer.visual_kd.active and trainer.teacher_mode == "base_anchor"
     with h.configured(trainer, kd_loss_impl=impl, temperature=2.0, beta=0.5):
         batch = h.prepare(trainer, h.dataset_rows(trainer, [0]))
@@ -210,7 +210,7 @@ def test_teacher_forward_skipped_when_kd_inactive(anchor, monkeypatch):
 
     with h.configured(trainer, llm_kd_weight=0.0):
         monkeypatch.setattr(trainer, "_run_teacher_forward", forbidden)
-        assert not trainer.kd_active
+        assert not trainer.anchor.kd_active
         batch = h.prepare(trainer, h.dataset_rows(trainer, [5]))
         with torch.no_grad():
             loss = trainer.compute_loss(trainer.model, batch)
@@ -230,19 +230,19 @@ def test_teacher_skipped_when_kd_inactive_runs_plain_sft(env, monkeypatch):
     import anchorkd.trainers.pipeline as pipeline_module
 
     built = {}
-    original_build_trainer = pipeline_module.build_trainer
+    original_build_pipeline = pipeline_module.build_pipeline
 
-    def spy(pipeline, *args, **kwargs):
-        trainer = original_build_trainer(pipeline, *args, **kwargs)
-        built["pipeline"], built["trainer"] = pipeline, trainer
-        return trainer
+    def spy(settings):
+        built["pipeline"] = pipeline = original_build_pipeline(settings)
+        return pipeline
 
-    monkeypatch.setattr(pipeline_module, "build_trainer", spy)
+    monkeypatch.setattr(pipeline_module, "build_pipeline", spy)
     overrides = env.overrides("sft-when-w0", extra=("rlhf.llm_kd_weight=0", "training.save_strategy=no"))
     summary = h.run_training(h.STAGE2_GKD_DEMO, overrides)
 
     assert summary["mode"] == "sft" and summary["global_step"] == 1
-    pipeline, trainer = built["pipeline"], built["trainer"]
+    pipeline = built["pipeline"]
+    trainer = pipeline.trainer
     assert type(trainer) is Seq2SeqTrainer
     assert isinstance(pipeline.args, SftArguments) and not hasattr(pipeline.args, "teacher_model")
     assert getattr(pipeline, "teacher_model", None) is None
@@ -272,7 +272,7 @@ def test_weight_one_matches_stock_ms_swift_gkd(anchor, beta, sft_alpha):
             stock = float(GKDTrainer.compute_loss(trainer, trainer.model, h.copy_batch(batch)))
             ours = {}
             for impl in ("reference", "fused"):
-                trainer.kd_loss_impl = impl
+                trainer.anchor = h.use_settings(trainer, kd_loss_impl=impl)
                 ours[impl] = float(trainer.compute_loss(trainer.model, h.copy_batch(batch)))
         oracle = h.batch_terms(trainer, batch)
     assert oracle.jsd > 1e-3
@@ -308,7 +308,7 @@ def accumulation(anchor):
         loss = trainer.compute_loss(trainer.model, whole)
         loss.backward()
         out["whole_loss"], out["whole_grads"] = float(loss.detach()), _lora_grads(trainer)
-        trainer.kd_loss_impl = "reference"
+        trainer.anchor = h.use_settings(trainer, kd_loss_impl="reference")
         with torch.no_grad():
             out["whole_reference"] = float(trainer.compute_loss(trainer.model, whole))
 
@@ -319,7 +319,7 @@ def accumulation(anchor):
         with torch.no_grad():
             out["micro_reference"] = [float(trainer.compute_loss(trainer.model, m)) for m in micro]
         h.reset(trainer)
-        trainer.kd_loss_impl = "fused"
+        trainer.anchor = h.use_settings(trainer, kd_loss_impl="fused")
         out["micro_losses"] = []
         for batch in micro:
             loss = trainer.compute_loss(trainer.model, batch)

@@ -1,0 +1,34 @@
+"""The complete set of checks a run passes before any model is loaded or any file is written.
+
+``anchorkd validate``, ``anchorkd check`` and the start of ``anchorkd train`` all call ``check_run``:
+1. the config: keys, types, every rule of ``anchorkd.config.rules``, checkpoints (``ConfigLoader``);
+2. the data: every line of every local data file (``anchorkd.data.validate``);
+3. for runs with a teacher: teacher / student compatibility (``anchorkd.trainers.preflight``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from .config import ConfigLoader, ResolvedConfig
+
+
+def check_data(config: ResolvedConfig) -> None:
+    from .data.validate import validate_dataset_entry
+
+    data = config.sections["data"]
+    for key in ("dataset", "val_dataset"):
+        for i, entry in enumerate(data.get(key, []) or []):
+            validate_dataset_entry(entry, key_path=f"data.{key}[{i}]")
+
+
+def check_run(path: str | Path, overrides: Iterable[str] = (), *, teacher: bool = True) -> ResolvedConfig:
+    """Resolve ``path`` and run every check; raises ConfigError / DataError naming the key or file:line."""
+    config = ConfigLoader.resolve(path, overrides)
+    check_data(config)
+    if teacher and config.mode == "gkd":
+        from .trainers.preflight import run_preflight
+
+        run_preflight(config)
+    return config

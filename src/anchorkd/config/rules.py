@@ -1,0 +1,271 @@
+"""Every rule a config must pass, checked before any model is loaded or any file is written.
+
+One function per rule; each raises ``ConfigError`` with the key path it is about (the loader adds
+where the value came from: a file, or the command line). ``RULES`` is the complete list that both
+``anchorkd validate`` and ``anchorkd train`` run; the data files and checkpoints are checked after
+them (``anchorkd.checks``). Field-level rules of anchorkd's own keys (types, ``weight >= 0``, ...)
+are validators of the pydantic schema in ``schema.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+from ..errors import ConfigError
+from .schema import AnchorRlhfKnobs, CustomConfig
+from .swift_keys import ANCHORKD_RLHF_KEYS
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigDraft:
+    """The config as written (sections, anchorkd's validated knobs), before the run mode is derived."""
+
+    sections: dict[str, dict]
+    custom: CustomConfig
+    knobs: AnchorRlhfKnobs
+
+    @property
+    def rlhf(self) -> dict:
+        return self.sections["rlhf"]
+
+    @property
+    def is_gkd(self) -> bool:
+        return self.rlhf.get("rlhf_type") == "gkd"
+
+    @property
+    def kd_requested(self) -> bool:
+        return self.knobs.llm_kd_weight > 0 or self.custom.visual_kd.weight > 0
+
+    @property
+    def uses_gkd_monitor(self) -> bool:
+        return self.custom.trainer_variant == "gkd_monitor"
+
+
+Rule = Callable[[ConfigDraft], None]
+
+
+# --- numeric ranges of ms-swift keys -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericRange:
+    """``section.key`` must satisfy ``holds``; ``rule`` says how in words. Absent keys take ms-swift's default."""
+
+    key_path: str
+    holds: Callable[[float], bool]
+    rule: str
+
+    def check(self, draft: ConfigDraft) -> None:
+        section, key = self.key_path.split(".")
+        value = draft.sections[section].get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            return  # absent (ms-swift's default), or a type error reported by the key checks
+        if not math.isfinite(value) or not self.holds(value):
+            raise ConfigError(self.key_path, f"must be {self.rule}, got {value!r}")
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _at_least_one(value: float) -> bool:
+    return value >= 1
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _unit_interval(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+NUMERIC_RANGES = (
+    # A negative sft_alpha flips the CE term's sign: training would maximise the data's loss.
+    NumericRange("rlhf.sft_alpha", _non_negative, ">= 0"),
+    NumericRange("rlhf.beta", _unit_interval, "in [0, 1] (the generalised JSD's interpolation)"),
+    NumericRange("rlhf.lmbda", _unit_interval, "in [0, 1] (the probability of on-policy samples)"),
+    NumericRange("rlhf.temperature", _positive, "> 0 (it divides the logits)"),
+    NumericRange("training.temperature", _positive, "> 0 (it divides the logits)"),
+    NumericRange("rlhf.max_completion_length", _at_least_one, ">= 1"),
+    NumericRange("tuner.lora_rank", _at_least_one, ">= 1"),
+    NumericRange("tuner.lora_alpha", _positive, "> 0"),
+    NumericRange("tuner.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    NumericRange("training.learning_rate", _positive, "> 0"),
+    NumericRange("tuner.vit_lr", _positive, "> 0"),
+    NumericRange("tuner.aligner_lr", _positive, "> 0"),
+    NumericRange("training.per_device_train_batch_size", _at_least_one, ">= 1"),
+    NumericRange("training.per_device_eval_batch_size", _at_least_one, ">= 1"),
+    NumericRange("training.gradient_accumulation_steps", _at_least_one, ">= 1"),
+    NumericRange("training.num_train_epochs", _positive, "> 0"),
+    NumericRange("training.max_steps", lambda v: v == -1 or v >= 1, ">= 1 (or -1: use num_train_epochs)"),
+    NumericRange("training.warmup_ratio", _unit_interval, "in [0, 1]"),
+    NumericRange("training.weight_decay", _non_negative, ">= 0"),
+    NumericRange("training.max_grad_norm", _non_negative, ">= 0"),
+    NumericRange("training.logging_steps", _positive, "> 0"),
+    NumericRange("training.save_steps", _positive, "> 0"),
+    NumericRange("training.eval_steps", _positive, "> 0"),
+    NumericRange("template.max_length", _at_least_one, ">= 1"),
+)
+
+
+def rule_numeric_ranges(draft: ConfigDraft) -> None:
+    errors = []
+    for numeric in NUMERIC_RANGES:
+        try:
+            numeric.check(draft)
+        except ConfigError as err:
+            errors.append(err)
+    if errors:
+        raise _many(errors)
+
+
+# --- which trainer and which run ---------------------------------------------------------------------
+
+
+def rule_rlhf_keys_need_rlhf_type(draft: ConfigDraft) -> None:
+    stray = [k for k in draft.rlhf if k not in ANCHORKD_RLHF_KEYS and k != "rlhf_type"]
+    if stray and not draft.rlhf.get("rlhf_type"):
+        raise ConfigError(f"rlhf.{stray[0]}", "needs rlhf.rlhf_type (e.g. rlhf_type: gkd)")
+
+
+def rule_llm_kd_weight_needs_gkd(draft: ConfigDraft) -> None:
+    """Spec 003 allows no silent disablement: a KD weight on a run that has no KD is a mistake."""
+    if "llm_kd_weight" in draft.knobs.model_fields_set and not draft.is_gkd:
+        raise ConfigError(
+            "rlhf.llm_kd_weight",
+            "only GKD runs have an LM-head KD term: set rlhf.rlhf_type: gkd (with a teacher), "
+            "or remove the key",
+        )
+
+
+def rule_gkd_monitor_needs_gkd(draft: ConfigDraft) -> None:
+    if draft.uses_gkd_monitor and not draft.is_gkd:
+        raise ConfigError("custom.trainer_variant", "gkd_monitor requires rlhf.rlhf_type: gkd")
+
+
+def rule_kd_weight_needs_gkd_monitor(draft: ConfigDraft) -> None:
+    weight = draft.knobs.llm_kd_weight
+    if draft.is_gkd and not draft.uses_gkd_monitor and weight != 1.0:
+        raise ConfigError(
+            "rlhf.llm_kd_weight",
+            f"is {weight}, but ms-swift's own GKD trainer (custom.trainer_variant: default) always "
+            "weighs the KD term by 1.0: set custom.trainer_variant: gkd_monitor",
+        )
+
+
+def rule_visual_kd_needs_gkd_monitor(draft: ConfigDraft) -> None:
+    if draft.custom.visual_kd.enabled and not (draft.uses_gkd_monitor and draft.is_gkd):
+        raise ConfigError(
+            "custom.visual_kd.enabled",
+            "visual KD runs in anchorkd's trainer: set custom.trainer_variant: gkd_monitor and rlhf.rlhf_type: gkd",
+        )
+
+
+def rule_seq_kd_unsupported(draft: ConfigDraft) -> None:
+    if draft.rlhf.get("seq_kd"):
+        raise ConfigError(
+            "rlhf.seq_kd",
+            "seq_kd: true (teacher-generated responses) is not supported: ms-swift 4.6.0 removed it. "
+            "Use seq_kd: false with lmbda: 0 (forward-only KD) or lmbda > 0 (on-policy student sampling)",
+        )
+
+
+def rule_teacher_required_for_kd(draft: ConfigDraft) -> None:
+    if not draft.is_gkd or not draft.kd_requested:
+        return
+    if not draft.rlhf.get("teacher_model") and not draft.rlhf.get("teacher_model_server"):
+        which = "rlhf.llm_kd_weight" if draft.knobs.llm_kd_weight > 0 else "custom.visual_kd.weight"
+        raise ConfigError(
+            "rlhf.teacher_model",
+            f"required when {which} > 0: give the frozen teacher checkpoint "
+            "(the base model's path for KL-anchored SFT)",
+        )
+
+
+def rule_visual_kd_needs_trainable_vision(draft: ConfigDraft) -> None:
+    if not draft.custom.visual_kd.enabled:
+        return
+    tuner = draft.sections["tuner"]
+    # ms-swift freezes both by default for multimodal models.
+    if tuner.get("freeze_vit", True) and tuner.get("freeze_aligner", True):
+        raise ConfigError(
+            "custom.visual_kd",
+            "the vision tower and aligner are both frozen (tuner.freeze_vit / tuner.freeze_aligner, "
+            "true by default), so the merger features never move and the visual KD term would be "
+            "identically zero: set tuner.freeze_aligner: false (or freeze_vit: false)",
+        )
+
+
+# --- what anchorkd's GKD trainer does not support ------------------------------------------------------
+
+
+def _refuse_with_gkd_monitor(draft: ConfigDraft, key_path: str, rule: str) -> None:
+    section, key = key_path.split(".")
+    if draft.uses_gkd_monitor and draft.is_gkd and draft.sections[section].get(key):
+        raise ConfigError(key_path, rule)
+
+
+def rule_no_teacher_server_with_gkd_monitor(draft: ConfigDraft) -> None:
+    _refuse_with_gkd_monitor(
+        draft,
+        "rlhf.teacher_model_server",
+        "not supported by custom.trainer_variant: gkd_monitor: it anchors to a local frozen teacher "
+        "(rlhf.teacher_model) and needs its hidden states, which a server does not return",
+    )
+
+
+def rule_no_topk_with_gkd_monitor(draft: ConfigDraft) -> None:
+    _refuse_with_gkd_monitor(
+        draft, "rlhf.gkd_logits_topk", "not supported by gkd_monitor (its loss uses the full vocabulary)"
+    )
+
+
+def rule_no_liger_with_gkd_monitor(draft: ConfigDraft) -> None:
+    _refuse_with_gkd_monitor(
+        draft, "training.use_liger_kernel", "gkd_monitor has its own fused KD loss: turn liger off"
+    )
+
+
+def rule_no_offloaded_teacher_with_gkd_monitor(draft: ConfigDraft) -> None:
+    _refuse_with_gkd_monitor(
+        draft,
+        "rlhf.offload_teacher_model",
+        "not supported by gkd_monitor: the teacher must stay on the training device",
+    )
+
+
+RULES: tuple[Rule, ...] = (
+    rule_numeric_ranges,
+    rule_rlhf_keys_need_rlhf_type,
+    rule_llm_kd_weight_needs_gkd,
+    rule_gkd_monitor_needs_gkd,
+    rule_kd_weight_needs_gkd_monitor,
+    rule_visual_kd_needs_gkd_monitor,
+    rule_seq_kd_unsupported,
+    rule_teacher_required_for_kd,
+    rule_visual_kd_needs_trainable_vision,
+    rule_no_teacher_server_with_gkd_monitor,
+    rule_no_topk_with_gkd_monitor,
+    rule_no_liger_with_gkd_monitor,
+    rule_no_offloaded_teacher_with_gkd_monitor,
+)
+
+
+def check_rules(draft: ConfigDraft) -> list[ConfigError]:
+    """Run every rule; return all errors found (each rule reports at most its first)."""
+    errors: list[ConfigError] = []
+    for rule in RULES:
+        try:
+            rule(draft)
+        except ConfigError as err:
+            errors.extend(getattr(err, "errors", None) or [err])
+    return errors
+
+
+def _many(errors: list[ConfigError]) -> ConfigError:
+    from ..errors import ConfigErrors
+
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors)

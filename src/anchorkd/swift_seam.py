@@ -1,0 +1,198 @@
+"""The one module that touches ms-swift's and transformers' internals (ms-swift 4.6.0, transformers 5.19.0).
+
+Everything anchorkd relies on that is not a documented public API sits here, behind small named
+functions, so an upgrade of the pinned stack breaks this file and ``tests/unit/test_swift_seam_contract.py``
+(which asserts each internal exists with the shape used here), not code spread over the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# --- argument objects ------------------------------------------------------------------------------------
+
+# ms-swift's RLHFArguments decides in ``__post_init__`` whether the GKD teacher is the student with its
+# LoRA adapter switched off (teacher_model == model and tuner_type lora); the pipeline forwards it.
+_TEACHER_DISABLED_ADAPTER = "_teacher_use_disable_adapter"
+
+
+def teacher_is_disabled_adapter(obj: Any) -> bool:
+    """ms-swift's choice for an argument object or a GKD trainer: is the teacher the adapter-disabled student?"""
+    return bool(getattr(obj, _TEACHER_DISABLED_ADAPTER, False))
+
+
+def use_separate_teacher_copy(train_args: Any, model_path: str) -> None:
+    """Make ms-swift load a frozen copy of ``model_path`` as the teacher instead of the adapter-disabled
+    student. ms-swift cannot always infer the type of a local folder; the copy is the student's own type."""
+    setattr(train_args, _TEACHER_DISABLED_ADAPTER, False)
+    train_args.teacher_model = model_path
+    train_args.teacher_model_type = train_args.teacher_model_type or train_args.model_type
+
+
+def arguments_classes() -> tuple[type, type]:
+    """(SftArguments, RLHFArguments): the argument dataclasses an anchorkd run is built from."""
+    from swift.arguments import RLHFArguments, SftArguments
+
+    return SftArguments, RLHFArguments
+
+
+@functools.lru_cache(maxsize=1)
+def section_dataclasses() -> dict[str, tuple[type, ...]]:
+    """The ms-swift mixin dataclasses whose own fields make each config section."""
+    from swift.arguments.base_args.data_args import DataArguments
+    from swift.arguments.base_args.model_args import ModelArguments
+    from swift.arguments.base_args.quant_args import QuantizeArguments
+    from swift.arguments.base_args.template_args import TemplateArguments
+    from swift.arguments.tuner_args import TunerArguments
+
+    return {
+        "model": (ModelArguments, QuantizeArguments),
+        "data": (DataArguments,),
+        "template": (TemplateArguments,),
+        "tuner": (TunerArguments,),
+    }
+
+
+def declared_fields(cls: type) -> set[str]:
+    """Fields a dataclass declares itself (not inherited)."""
+    return set(cls.__dict__.get("__annotations__", {}))
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+# --- pipelines and the trainer registry -----------------------------------------------------------------
+
+
+def pipeline_classes() -> tuple[type, type]:
+    """(SwiftSft, SwiftRLHF): ms-swift's training pipelines, which anchorkd subclasses."""
+    from swift.pipelines.train.rlhf import SwiftRLHF
+    from swift.pipelines.train.sft import SwiftSft
+
+    return SwiftSft, SwiftRLHF
+
+
+def stock_trainer_cls(train_args: Any) -> type:
+    from swift.trainers import TrainerFactory
+
+    return TrainerFactory.get_trainer_cls(train_args)
+
+
+@contextlib.contextmanager
+def trainer_class_registered(train_args: Any, trainer_cls: type) -> Iterator[None]:
+    """Register ``trainer_cls`` in ms-swift's trainer table for this run's kind while the block runs.
+
+    ``SwiftSft.run`` picks the trainer class through ``TrainerFactory``; registering ours there lets the
+    stock ``run`` build it, instead of anchorkd copying ``run``.
+    """
+    from swift.trainers import TrainerFactory
+
+    kind = getattr(train_args, "rlhf_type", None) or train_args.task_type
+    mapping = TrainerFactory.TRAINER_MAPPING
+    previous = mapping[kind]
+    mapping[kind] = f"{trainer_cls.__module__}.{trainer_cls.__qualname__}"
+    try:
+        yield
+    finally:
+        mapping[kind] = previous
+
+
+def torchrun_args() -> list[str] | None:
+    """ms-swift's torchrun arguments from NPROC_PER_NODE / NNODES / ... (None: a single process)."""
+    from swift.cli.main import get_torchrun_args
+
+    return get_torchrun_args()
+
+
+# --- the GKD trainer ---------------------------------------------------------------------------------------
+
+# Keys of the per-micro-batch dicts that ms-swift's GKDTrainer._prepare_inputs builds.
+MODEL_INPUTS = "model_inputs"
+TEACHER_INPUTS = "teacher_model_inputs"
+GKD_BATCH = "gkd_batch"
+
+
+def gkd_trainer_base() -> type:
+    from swift.rlhf_trainers.gkd_trainer import GKDTrainer
+
+    return GKDTrainer
+
+
+def batch_from_dataset(batch: dict) -> bool:
+    """True when the micro-batch's responses come from the data set (not on-policy student samples)."""
+    from swift.rlhf_trainers.gkd_loss import DataSource
+
+    return batch[GKD_BATCH].data_source != DataSource.STUDENT
+
+
+def starts_generation_buffer(trainer: Any) -> bool:
+    """Whether the next training ``_prepare_inputs`` call fills a new buffer of ``steps_per_generation``
+    micro-batches (ms-swift encodes, and samples on-policy, a whole buffer at once)."""
+    steps = trainer.args.steps_per_generation
+    return trainer._step % steps == 0 or trainer._buffered_inputs is None
+
+
+def generation_buffer(trainer: Any) -> list[dict]:
+    return trainer._buffered_inputs
+
+
+def reset_generation_buffer(trainer: Any) -> None:
+    trainer._step = 0
+    trainer._buffered_inputs = None
+
+
+def metric_store(trainer: Any) -> dict:
+    """ms-swift's per-mode metric lists (``{"train": defaultdict(list), "eval": ...}``) that its ``log``
+    averages and clears."""
+    return trainer._metrics
+
+
+def disable_gradient_checkpointing(model: Any, gradient_checkpointing_kwargs: dict | None):
+    from swift.trainers import disable_gradient_checkpointing as swift_disable
+
+    return swift_disable(model, gradient_checkpointing_kwargs)
+
+
+# --- logging.jsonl --------------------------------------------------------------------------------------
+
+
+def precise_progress_callback(
+    keep_precise: Callable[[str], bool], format_value: Callable[[str, float], float]
+):
+    """ms-swift's progress callback (progress bar + ``logging.jsonl``), except that values whose key
+    ``keep_precise`` accepts are written as ``format_value`` makes them instead of ms-swift's
+    8-decimal rounding (which prints an active 1e-9 KD term as 0.0)."""
+    from swift.trainers.patcher import ProgressCallbackNew, add_train_message
+    from swift.utils import append_to_jsonl, is_pai_training_job
+    from transformers.trainer_callback import ProgressCallback
+
+    class PreciseProgressCallback(ProgressCallbackNew):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            exact = {
+                key: value
+                for key, value in (logs or {}).items()
+                if keep_precise(key) and isinstance(value, float) and math.isfinite(value)
+            }
+            add_train_message(logs, state, self.start_time, self.start_step)
+            logs.update({key: format_value(key, value) for key, value in exact.items()})
+            if not is_pai_training_job() and state.is_world_process_zero:
+                append_to_jsonl(f"{args.output_dir}/logging.jsonl", logs)
+            ProgressCallback.on_log(self, args, state, control, logs, **kwargs)
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.refresh()
+
+    return PreciseProgressCallback, ProgressCallbackNew
+
+
+def replace_progress_callback(trainer: Any, callback_cls: type, replaced_cls: type) -> None:
+    """Swap ms-swift's progress callback for ``callback_cls`` (only where it is installed: with
+    ``disable_tqdm`` ms-swift writes no logging.jsonl either)."""
+    if any(type(cb) is replaced_cls for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(replaced_cls)
+        trainer.add_callback(callback_cls)

@@ -1,0 +1,240 @@
+"""Every rule of ``anchorkd.config.rules``: one test each, with a config that breaks it and the key path it
+must name; numeric ranges are parametrized over the whole table. Plus where errors say the value came
+from (a file or the command line) and that a refused run writes nothing and exits 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anchorkd.cli import EXIT_BAD_INPUT, main
+from anchorkd.config import COMMAND_LINE, ConfigError, ConfigErrors, ConfigLoader
+from anchorkd.config.rules import NUMERIC_RANGES, RULES
+
+
+def write_config(folder: Path, config: dict, name: str = "run.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def gkd(tmp_path, tiny_model_dir, synthetic_data_dir) -> dict:
+    return {
+        "model": {"model": str(tiny_model_dir), "model_type": "qwen3_vl", "torch_dtype": "float32"},
+        "data": {"dataset": [str(synthetic_data_dir / "train.jsonl")]},
+        "tuner": {"tuner_type": "lora"},
+        "training": {"output_dir": str(tmp_path / "out")},
+        "rlhf": {"rlhf_type": "gkd", "teacher_model": str(tiny_model_dir), "beta": 0.1, "lmbda": 0.0},
+        "custom": {"trainer_variant": "gkd_monitor"},
+    }
+
+
+def errors_of(tmp_path, config, overrides=()) -> list[ConfigError]:
+    with pytest.raises(ConfigError) as info:
+        ConfigLoader.resolve(write_config(tmp_path, config), overrides, check_files=False)
+    error = info.value
+    return error.errors if isinstance(error, ConfigErrors) else [error]
+
+
+def only_error(tmp_path, config, overrides=()) -> ConfigError:
+    errors = errors_of(tmp_path, config, overrides)
+    assert len(errors) == 1, [str(e) for e in errors]
+    return errors[0]
+
+
+# --- numeric ranges ---------------------------------------------------------------------------------------
+
+BAD_VALUES = {
+    "rlhf.sft_alpha": -0.5,
+    "rlhf.beta": 1.5,
+    "rlhf.lmbda": -0.1,
+    "rlhf.temperature": 0,
+    "training.temperature": -1.0,
+    "rlhf.max_completion_length": 0,
+    "tuner.lora_rank": 0,
+    "tuner.lora_alpha": 0,
+    "tuner.lora_dropout": 1.0,
+    "training.learning_rate": 0.0,
+    "tuner.vit_lr": -1e-5,
+    "tuner.aligner_lr": 0,
+    "training.per_device_train_batch_size": 0,
+    "training.per_device_eval_batch_size": -2,
+    "training.gradient_accumulation_steps": 0,
+    "training.num_train_epochs": 0,
+    "training.max_steps": 0,
+    "training.warmup_ratio": 1.5,
+    "training.weight_decay": -0.1,
+    "training.max_grad_norm": -1.0,
+    "training.logging_steps": 0,
+    "training.save_steps": -5,
+    "training.eval_steps": 0,
+    "template.max_length": 0,
+}
+
+
+def test_every_numeric_range_has_a_bad_value_here():
+    assert {numeric.key_path for numeric in NUMERIC_RANGES} == set(BAD_VALUES)
+
+
+@pytest.mark.parametrize("numeric", NUMERIC_RANGES, ids=lambda n: n.key_path)
+def test_numeric_range_names_the_key_and_the_rule(tmp_path, gkd, numeric):
+    section, key = numeric.key_path.split(".")
+    gkd.setdefault(section, {})[key] = BAD_VALUES[numeric.key_path]
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == numeric.key_path
+    assert f"must be {numeric.rule}, got {BAD_VALUES[numeric.key_path]!r}" in str(error)
+
+
+def test_values_inside_the_ranges_pass(tmp_path, gkd):
+    gkd["rlhf"].update({"sft_alpha": 0, "beta": 1, "lmbda": 1, "temperature": 0.5})
+    gkd["tuner"].update({"lora_rank": 1, "lora_dropout": 0.0})
+    gkd["training"].update({"max_steps": -1, "learning_rate": 1e-6, "warmup_ratio": 0})
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    assert config.mode == "gkd"
+
+
+def test_several_range_errors_are_reported_together(tmp_path, gkd):
+    gkd["rlhf"]["sft_alpha"] = -1
+    gkd["training"]["learning_rate"] = -1
+    assert {e.key_path for e in errors_of(tmp_path, gkd)} == {"rlhf.sft_alpha", "training.learning_rate"}
+
+
+# --- one test per rule ---------------------------------------------------------------------------------------
+
+
+def test_llm_kd_weight_on_a_run_without_gkd_is_an_error(tmp_path, gkd):
+    del gkd["rlhf"]
+    gkd["custom"] = {}
+    gkd["rlhf"] = {"llm_kd_weight": 0.5}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.llm_kd_weight"
+    assert "only GKD runs have an LM-head KD term" in str(error)
+
+
+def test_llm_kd_weight_on_another_rlhf_type_is_an_error(tmp_path, gkd):
+    gkd["rlhf"] = {"rlhf_type": "dpo", "llm_kd_weight": 2.0}
+    gkd["custom"] = {}
+    assert "rlhf.llm_kd_weight" in [e.key_path for e in errors_of(tmp_path, gkd)]
+
+
+def test_rlhf_keys_need_rlhf_type(tmp_path, gkd):
+    del gkd["rlhf"]["rlhf_type"]
+    gkd["custom"] = {}
+    assert only_error(tmp_path, gkd).key_path == "rlhf.teacher_model"
+
+
+def test_gkd_monitor_needs_gkd(tmp_path, gkd):
+    del gkd["rlhf"]
+    assert only_error(tmp_path, gkd).key_path == "custom.trainer_variant"
+
+
+def test_kd_weight_other_than_one_needs_gkd_monitor(tmp_path, gkd):
+    gkd["custom"] = {}
+    gkd["rlhf"]["llm_kd_weight"] = 0.5
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.llm_kd_weight" and "always weighs the KD term by 1.0" in str(error)
+
+
+def test_visual_kd_needs_gkd_monitor(tmp_path, gkd):
+    gkd["custom"] = {"visual_kd": {"enabled": True, "weight": 1.0}}
+    gkd["tuner"]["freeze_aligner"] = False
+    assert only_error(tmp_path, gkd).key_path == "custom.visual_kd.enabled"
+
+
+def test_seq_kd_is_refused(tmp_path, gkd):
+    gkd["rlhf"]["seq_kd"] = True
+    assert only_error(tmp_path, gkd).key_path == "rlhf.seq_kd"
+
+
+def test_teacher_required_for_kd(tmp_path, gkd):
+    del gkd["rlhf"]["teacher_model"]
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.teacher_model" and "required when rlhf.llm_kd_weight > 0" in str(error)
+
+
+def test_visual_kd_needs_a_trainable_vision_path(tmp_path, gkd):
+    gkd["custom"]["visual_kd"] = {"enabled": True, "weight": 1.0}
+    assert only_error(tmp_path, gkd).key_path == "custom.visual_kd"
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value", "words"),
+    [
+        ("rlhf.teacher_model_server", "http://127.0.0.1:8000", "needs its hidden states"),
+        ("rlhf.gkd_logits_topk", 20, "uses the full vocabulary"),
+        ("training.use_liger_kernel", True, "turn liger off"),
+        ("rlhf.offload_teacher_model", True, "must stay on the training device"),
+    ],
+)
+def test_unsupported_with_gkd_monitor_is_refused_before_loading(tmp_path, gkd, key_path, value, words):
+    section, key = key_path.split(".")
+    gkd[section][key] = value
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == key_path and words in str(error)
+
+
+def test_unsupported_keys_are_fine_with_ms_swifts_own_trainer(tmp_path, gkd):
+    gkd["custom"] = {}
+    gkd["rlhf"]["gkd_logits_topk"] = 20
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+
+
+def test_every_rule_is_exercised_by_a_test_here():
+    source = Path(__file__).read_text()
+    named = {
+        "rule_numeric_ranges": "test_numeric_range_names_the_key_and_the_rule",
+        "rule_rlhf_keys_need_rlhf_type": "test_rlhf_keys_need_rlhf_type",
+        "rule_llm_kd_weight_needs_gkd": "test_llm_kd_weight_on_a_run_without_gkd_is_an_error",
+        "rule_gkd_monitor_needs_gkd": "test_gkd_monitor_needs_gkd",
+        "rule_kd_weight_needs_gkd_monitor": "test_kd_weight_other_than_one_needs_gkd_monitor",
+        "rule_visual_kd_needs_gkd_monitor": "test_visual_kd_needs_gkd_monitor",
+        "rule_seq_kd_unsupported": "test_seq_kd_is_refused",
+        "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
+        "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
+        "rule_no_teacher_server_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
+        "rule_no_topk_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
+        "rule_no_liger_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
+        "rule_no_offloaded_teacher_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
+    }
+    assert {rule.__name__ for rule in RULES} == set(named)
+    assert all(f"def {test}(" in source for test in named.values())
+
+
+# --- where a value came from -------------------------------------------------------------------------------
+
+
+def test_a_value_from_the_command_line_is_reported_as_such(tmp_path, gkd):
+    error = only_error(tmp_path, gkd, ["rlhf.sft_alpha=-1"])
+    assert error.source == COMMAND_LINE
+    assert str(error).startswith("rlhf.sft_alpha (in (command line)): must be >= 0")
+
+
+def test_a_value_from_an_extended_file_names_that_file(tmp_path, gkd):
+    base = dict(gkd)
+    base["rlhf"] = {**gkd["rlhf"], "beta": 2.0}
+    write_config(tmp_path, base, "base.yaml")
+    overlay = write_config(tmp_path, {"extends": "base.yaml", "training": {"max_steps": 3}}, "overlay.yaml")
+    with pytest.raises(ConfigError) as info:
+        ConfigLoader.resolve(overlay, check_files=False)
+    assert info.value.key_path == "rlhf.beta"
+    assert info.value.source == str((tmp_path / "base.yaml").resolve())
+
+
+# --- a refused run writes nothing and exits 2 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["rlhf.sft_alpha=-0.5", "rlhf.temperature=0", "tuner.lora_rank=0", "training.learning_rate=0"],
+)
+def test_train_refuses_before_writing_anything(tmp_path, gkd, capsys, override, clean_tb_env):
+    config = write_config(tmp_path, gkd)
+    status = main(["train", "--config", str(config), override])
+    err = capsys.readouterr().err
+    assert status == EXIT_BAD_INPUT
+    assert err.startswith(f"anchorkd: error: {override.split('=')[0]} (in (command line)): must be")
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
