@@ -149,13 +149,15 @@ def build_data(out_dir: Path, seq_len: int, tokenizer, seed: int = 0) -> DataSet
 
     from anchorkd.demo.scenes import draw_scene
     from anchorkd.demo.synthetic import DENSE_PROMPT, scene_annotations
+    from anchorkd.io import write_jsonl
 
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     target_answer = seq_len - _TEMPLATE_OVERHEAD
     path = out_dir / f"train_{seq_len}.jsonl"
     data = DataSet(seq_len, path)
-    with path.open("w", encoding="utf-8") as handle:
+
+    def records():
         for index in range(NUM_SAMPLES):
             rng = np.random.default_rng([seed, seq_len, index])
             scene = draw_scene("indoor", rng, IMAGE_SIZE)
@@ -169,15 +171,16 @@ def build_data(out_dir: Path, seq_len: int, tokenizer, seed: int = 0) -> DataSet
                     used = target_answer
                     break
                 answer, used = answer + line, used + len(ids)
-            record = {
+            data.planned_tokens.append(used + _TEMPLATE_OVERHEAD)
+            yield {
                 "messages": [
                     {"role": "user", "content": DENSE_PROMPT},
                     {"role": "assistant", "content": answer.rstrip("\n")},
                 ],
                 "images": [str(image_path)],
             }
-            handle.write(json.dumps(record) + "\n")
-            data.planned_tokens.append(used + _TEMPLATE_OVERHEAD)
+
+    write_jsonl(path, records())
     return data
 
 
@@ -587,7 +590,7 @@ def run_loss_floor(n: int, threads: int, out_dir: Path) -> dict | None:
 
 def _code_state() -> dict:
     """Which code was measured: the commit, and hashes of the files the KD step runs through."""
-    import hashlib
+    from anchorkd.io import sha256_file
 
     state = {}
     try:
@@ -602,7 +605,7 @@ def _code_state() -> dict:
     for name in ("losses/fused.py", "trainers/gkd_monitor.py"):
         path = REPO_ROOT / "src" / "anchorkd" / name
         if path.exists():
-            state[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            state[name] = sha256_file(path)[:12]
     return state
 
 

@@ -269,15 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     ns.argv = argv
-    from .errors import ConfigError, DataError
-    from .monitor.report import TelemetryFormatError
+    from .errors import AnchorKDError
 
     try:
         return ns.handler(ns)
-    except (ConfigError, DataError) as exc:
-        print(f"anchorkd: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (FileExistsError, FileNotFoundError, TelemetryFormatError) as exc:
+    except (AnchorKDError, FileExistsError, FileNotFoundError) as exc:
         print(f"anchorkd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .config.yaml_io import load_yaml_with_extends, read_yaml_mapping
+from .io import atomic_write_text
 from .resources import shipped_configs_dir
 
 SUFFIX = ".yaml"
@@ -83,9 +84,8 @@ def copy_shipped_config(
     else:
         chain = ()
         text = config.path.read_text()
-    if make_parents:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    # _target_path has refused a missing folder unless make_parents; the writer creates it then.
+    atomic_write_text(target, text)
     return CopiedConfig(config, target, chain)
 
 

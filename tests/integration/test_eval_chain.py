@@ -13,7 +13,7 @@ import pytest
 
 from anchorkd import cli
 from anchorkd.demo.tiny_model import QWEN_VOCAB_SIZE
-from anchorkd.eval.compare import evaluate_checkpoint
+from anchorkd.eval.evaluate import evaluate_checkpoint
 
 pytestmark = pytest.mark.integration
 

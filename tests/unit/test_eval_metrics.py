@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from anchorkd.eval.lexicon import DEFAULT_LEXICON_PATH, LexiconError, lexicon_from_mapping, load_lexicon
+from anchorkd.data.dense_caption import parse_dense_caption
+from anchorkd.errors import LexiconError
+from anchorkd.eval.lexicon import DEFAULT_LEXICON_PATH, lexicon_from_mapping, load_lexicon
 from anchorkd.eval.metrics import (
     CaptionSample,
     box_iou,
@@ -15,7 +17,6 @@ from anchorkd.eval.metrics import (
     mean_rouge_l,
     object_recall,
     ood_domain_object_rate,
-    parse_dense_caption,
     score_captions,
 )
 

@@ -8,18 +8,18 @@ import os
 
 import pytest
 
+from anchorkd.errors import TelemetryFormatError
 from anchorkd.eval.lexicon import lexicon_from_mapping
 from anchorkd.eval.metrics import score_captions
 from anchorkd.eval.report import (
     METRIC_SPECS,
-    atomic_write_text,
     best_runs,
     examples_from_scores,
     mark_spans,
     write_comparison_report,
 )
 from anchorkd.monitor.alerts import AlertConfig
-from anchorkd.monitor.report import TelemetryFormatError, make_telemetry_report, read_logging_jsonl
+from anchorkd.monitor.report import make_telemetry_report, read_logging_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -125,20 +125,6 @@ def test_mark_spans_strikes_hallucinations_and_escapes_cells():
     text = "a rack | a bbu\nnext line"
     assert mark_spans(text, [[2, 6], [11, 14]]) == "a ~~**rack**~~ \\| a ~~**bbu**~~<br>next line"
     assert mark_spans("abc", [[0, 2], [1, 3], [5, 9]]) == "~~**ab**~~c"  # overlap / out of range ignored
-
-
-def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
-    target = tmp_path / "report.md"
-    target.write_text("old")
-
-    def failing_replace(source, destination):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(target, "new")
-    assert target.read_text() == "old"
-    assert os.listdir(tmp_path) == ["report.md"]
 
 
 def test_examples_from_scores_in_markdown(tmp_path):

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from anchorkd import cli
 from anchorkd.eval import text_eval
-from anchorkd.eval.compare import compare_runs, read_generations, run_metrics, score_generations
-from anchorkd.eval.provenance import file_sha256, git_revision, package_versions
-from anchorkd.eval.text_eval import EXIT_TEXT_REGRESSION, perplexity_change_pct
+from anchorkd.eval.compare import compare_runs, run_metrics
+from anchorkd.eval.provenance import git_revision, package_versions
+from anchorkd.eval.score import perplexity_change_pct, read_generations, score_generations
+from anchorkd.eval.text_eval import EXIT_TEXT_REGRESSION
+from anchorkd.io import sha256_file
 
 SUMMARY_KEYS = {
     "ood_domain_object_rate",
@@ -82,7 +88,7 @@ def test_score_counts_hallucinations_and_skips_text_records(tmp_path):
     per_group = {k: v for k, v in run_metrics(scores).items() if k.startswith("ood_domain_object_rate_")}
     assert per_group == {"ood_domain_object_rate_outdoor_general": 1.0}
     assert [s["id"] for s in scores["samples"]] == ["in-1", "out-1"]
-    assert scores["generations"]["sha256"] == file_sha256(generations)
+    assert scores["generations"]["sha256"] == sha256_file(generations)
     assert scores["versions"]["anchorkd"] is not None
 
 
@@ -178,7 +184,7 @@ def fake_text_model(tmp_path, monkeypatch):
 def base_text_eval(tmp_path: Path, data: Path, ppl: float, sha256: str | None = None) -> Path:
     """A hand-written text_eval.json of a base model (the "fake ppl file")."""
     document = {"model": "/models/base", "ppl": ppl, "nll": math.log(ppl), "tokens": 3}
-    document["data"] = {"path": str(data), "sha256": sha256 or file_sha256(data)}
+    document["data"] = {"path": str(data), "sha256": sha256 or sha256_file(data)}
     return write_json(tmp_path / "base" / "text_eval.json", document)
 
 
@@ -209,7 +215,7 @@ def test_text_gate_exit_status(tmp_path, fake_text_model, ppl, max_pct, expected
     assert document["base"]["ppl"] == 100.0
     assert document["ppl_change_pct"] == pytest.approx(change)
     assert document["regressed"] is (expected_exit == EXIT_TEXT_REGRESSION)
-    assert document["data"]["sha256"] == file_sha256(data)
+    assert document["data"]["sha256"] == sha256_file(data)
 
 
 def test_text_without_base_has_no_verdict(tmp_path, fake_text_model):
@@ -388,6 +394,46 @@ def test_compare_folder_without_scores_is_named(tmp_path, eval_folders, capsys):
 
     assert cli.main(["eval", "compare", *runs, "--out", str(tmp_path / "report")]) == 2
     assert f"{eval_folders['gkd'] / 'scores.json'}: not found" in capsys.readouterr().err
+
+
+# Modules that load or run a model; comparing finished evaluations must not even import them.
+MODEL_MODULES = (
+    "anchorkd.eval.model",
+    "anchorkd.eval.generate",
+    "anchorkd.eval.text_eval",
+    "anchorkd.eval.evaluate",
+    "swift",
+    "transformers",
+    "torch",
+)
+
+
+def test_comparison_never_imports_model_code(eval_folders, tmp_path):
+    script = textwrap.dedent(
+        """
+        import json, sys
+        model_modules, runs, out = json.loads(sys.argv[1])
+        import anchorkd.eval.compare as compare
+        after_import = [m for m in model_modules if m in sys.modules]
+        compare.compare_runs(runs, out, base_name="base")
+        after_run = [m for m in model_modules if m in sys.modules]
+        print(json.dumps([after_import, after_run]))
+        """
+    )
+    arguments = [
+        MODEL_MODULES,
+        {name: str(folder) for name, folder in eval_folders.items()},
+        str(tmp_path / "out"),
+    ]
+    completed = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(arguments)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ.copy(),
+    )
+    assert json.loads(completed.stdout.splitlines()[-1]) == [[], []]
+    assert (tmp_path / "out" / "report.json").is_file()  # the comparison really ran
 
 
 # ------------------------------------------------------------------------------------------ provenance

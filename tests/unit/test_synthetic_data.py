@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anchorkd.data.dense_caption import parse_dense_caption
 from anchorkd.demo import synthetic
 from anchorkd.demo.scenes import draw_scene
 from anchorkd.demo.synthetic import (
@@ -29,7 +30,6 @@ from anchorkd.demo.synthetic import (
     generate_text_samples,
     make_synthetic_data,
     normalise_box,
-    parse_dense_caption,
 )
 
 IMAGE_SPLITS = (
@@ -223,8 +223,9 @@ def test_dense_captions_round_trip_to_meta_objects(dataset):
     for rec in dense:
         parsed = parse_dense_caption(rec["messages"][1]["content"])
         expected = [(obj["name"], obj["box"]) for obj in rec["meta"]["objects"]]
-        assert parsed == expected
-        assert len(parsed) == len(rec["messages"][1]["content"].splitlines())
+        assert [(field.name, list(field.box)) for field in parsed.fields] == expected
+        assert parsed.malformed_lines == ()
+        assert len(parsed.fields) == len(rec["messages"][1]["content"].splitlines())
 
 
 def test_dense_captions_are_in_reading_order(dataset):
@@ -360,35 +361,7 @@ def test_generated_text_answers_are_correct():
     assert checked > 20
 
 
-# --- parsing --------------------------------------------------------------------------------------
-
-
-def test_parse_dense_caption_is_tolerant_and_skips_malformed_lines():
-    text = "\n".join(
-        [
-            "rack: [52, 104, 312, 958]",
-            "  patch_panel :[1,2 ,3,  4]  ",
-            "Here are the objects:",
-            "bbu: [1, 2, 3]",
-            "cable: [1, 2, 3, 4, 5]",
-            "label: [1.5, 2, 3, 4]",
-            "tower [1, 2, 3, 4]",
-            "",
-            "sky: [0, 0, 1000, 420]",
-            "- patch panel: [0, 1, 2, 3]",
-            "-BBU: [4, 5, 6, 7]",
-            "- widget: [1, 1, 2, 2]",
-        ]
-    )
-    assert parse_dense_caption(text) == [
-        ("rack", [52, 104, 312, 958]),
-        ("patch_panel", [1, 2, 3, 4]),
-        ("sky", [0, 0, 1000, 420]),
-        ("patch_panel", [0, 1, 2, 3]),
-        ("bbu", [4, 5, 6, 7]),
-        ("widget", [1, 1, 2, 2]),
-    ]
-    assert parse_dense_caption("") == []
+# --- boxes ----------------------------------------------------------------------------------------
 
 
 def test_normalise_box_maps_pixels_onto_the_1000_grid():
@@ -439,7 +412,7 @@ def test_interrupted_run_leaves_no_partial_data_set(tmp_path, monkeypatch):
     def fail_midway(path, records):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synthetic, "_write_jsonl", fail_midway)
+    monkeypatch.setattr(synthetic, "write_jsonl", fail_midway)
     with pytest.raises(RuntimeError, match="disk full"):
         make_synthetic_data(tmp_path / "data", sizes=SyntheticSizes.quick())
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, ConfigErrors
-from ..monitor.alerts import AlertConfig
 
 
 class StrictModel(BaseModel):
@@ -72,9 +71,33 @@ class VisualKDConfig(StrictModel):
         return self.enabled and self.weight > 0
 
 
+class AlertConfig(BaseModel):
+    """Thresholds of the training alert rules (:mod:`anchorkd.monitor.alerts` says what each rule watches)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kd_spike_factor: float = Field(default=3.0, gt=1.0)
+    kd_spike_window: int = Field(default=20, ge=1)
+    kd_spike_min_history: int = Field(default=5, ge=1)
+    kd_spike_min_threshold: float = Field(default=0.05, ge=0.0)
+    sft_regression_window: int = Field(default=20, ge=1)
+    sft_regression_tolerance: float = Field(default=0.10, ge=0.0)
+    nonfinite: bool = True
+
+    @model_validator(mode="after")
+    def _history_fits_window(self) -> AlertConfig:
+        # The running-median window holds at most kd_spike_window values, so a larger minimum history
+        # would silently disable the spike rule.
+        if self.kd_spike_min_history > self.kd_spike_window:
+            raise ValueError(
+                f"kd_spike_min_history ({self.kd_spike_min_history}) must not exceed "
+                f"kd_spike_window ({self.kd_spike_window})"
+            )
+        return self
+
+
 class MonitorConfig(AlertConfig):
-    """``custom.monitor``: the live training alerts (written to ``alerts.jsonl``); thresholds as in
-    :class:`anchorkd.monitor.alerts.AlertConfig`."""
+    """``custom.monitor``: the live training alerts (written to ``alerts.jsonl``) and their thresholds."""
 
     enabled: bool = True
 

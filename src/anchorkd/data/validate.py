@@ -7,7 +7,6 @@ front instead.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
+from ..io import iter_jsonl
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -42,27 +42,6 @@ def validate_dataset_entry(entry: str, key_path: str) -> int | None:
     if path.suffix == ".jsonl":
         return validate_jsonl(path)
     return None
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
-    """Yield ``(line number, parsed JSON)`` for each non-blank line; DataError names ``file:line``."""
-    path = Path(path)
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    str(path), f"not valid UTF-8 text ({exc.reason} at byte {exc.start})", line_no
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    str(path), f"not valid JSON ({exc.msg} at column {exc.colno})", line_no
-                ) from None
 
 
 def validate_jsonl(path: str | Path, check_images: bool = True) -> int:
@@ -123,3 +102,16 @@ def _check_image(image: str, path: Path, line_no: int) -> None:
             handle.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(str(path), f"not a readable image: {image} ({exc})", line_no) from None
+
+
+def read_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, record)`` of an ms-swift JSONL file after checking every line and image.
+
+    The whole file is validated before the first record is returned, so a bad line fails the caller
+    before any model time is spent, with ``file:line``.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(str(path), "data file not found")
+    validate_jsonl(path)
+    yield from iter_jsonl(path)

@@ -16,7 +16,6 @@ Several seeds (of the domain runs) give a mean and a spread per metric.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -27,7 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from ..io import iter_jsonl, read_json_object, real_number, sha256_bytes, sha256_file
 from ..resources import shipped_configs_dir
+from .assets import DATA_DIR, TINY_MODEL_DIR, TINY_MODEL_STAMP, prepare_demo_assets
 
 logger = logging.getLogger("anchorkd")
 
@@ -87,11 +88,11 @@ class TestbedPaths:
 
     @property
     def model(self) -> Path:
-        return self.root / "tiny-qwen3-vl"
+        return self.root / TINY_MODEL_DIR
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.root / DATA_DIR
 
     def base_cache(self, key: str) -> Path:
         return self.root / "cache" / f"base-{key}"
@@ -115,34 +116,25 @@ class TestbedResult:
     base_cached: bool = False
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _training_content_digest(jsonl: Path) -> str:
     """Hash of what training reads from a JSONL file: the messages and the image bytes, in order.
 
     ``meta`` (ground truth for the evaluator) and the images' absolute paths are left out, so the base
     stays cached when only the domain / eval data change or the folder moves.
     """
-    from ..data.validate import iter_jsonl
-
-    digest = hashlib.sha256()
+    content = []
     for _, record in iter_jsonl(jsonl):
-        images = [_sha256_file(Path(image)) for image in record.get("images", [])]
-        digest.update(json.dumps([record["messages"], images], sort_keys=True).encode())
-    return digest.hexdigest()
+        images = [sha256_file(image) for image in record.get("images", [])]
+        content.append(json.dumps([record["messages"], images], sort_keys=True).encode())
+    # One digest of the concatenation: the same value as feeding the records to it one by one.
+    return sha256_bytes(b"".join(content))
 
 
 def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
     """Hash of everything that determines the base checkpoint."""
     parts = {
-        "model": json.loads((paths.model / "anchorkd_tiny.json").read_text()),
-        "weights": _sha256_file(paths.model / "model.safetensors"),
+        "model": read_json_object(paths.model / TINY_MODEL_STAMP),
+        "weights": sha256_file(paths.model / "model.safetensors"),
         "data": _training_content_digest(paths.data / "base_train.jsonl"),
         # Parsed, so that editing a comment does not retrain the base.
         "config": yaml.safe_load((paths.configs / BASE_CONFIG).read_text()),
@@ -150,7 +142,7 @@ def base_cache_key(paths: TestbedPaths, sizes: TestbedSizes, seed: int) -> str:
         "batch": sizes.base_batch,
         "seed": seed,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_bytes(json.dumps(parts, sort_keys=True).encode())[:16]
 
 
 def _train(config: Path, overrides: list[str]) -> dict:
@@ -218,7 +210,7 @@ def train_domain_run(name: str, paths: TestbedPaths, base: Path, sizes: TestbedS
 
 
 def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) -> Path:
-    from ..eval.compare import evaluate_checkpoint
+    from ..eval.evaluate import evaluate_checkpoint
 
     out = paths.seed_dir(seed) / "eval" / name
     shutil.rmtree(out, ignore_errors=True)
@@ -248,7 +240,7 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
         merged: dict = {"seeds": len(rows)}
         for key in rows[0]:
             values = [row.get(key) for row in rows]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            if all(real_number(v) is not None for v in values):
                 merged[key] = statistics.fmean(values)
                 merged[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         runs[name] = merged
@@ -264,8 +256,7 @@ def run_testbed(
 ) -> TestbedResult:
     from ..eval.compare import compare_runs, example_captions
     from ..eval.report import write_comparison_report
-    from .synthetic import SyntheticSizes, make_synthetic_data
-    from .tiny_model import make_tiny_model
+    from ..eval.score import TEXT_EVAL_FILE, read_text_eval
 
     sizes = sizes or TestbedSizes()
     paths = testbed_paths(root, configs)
@@ -278,12 +269,8 @@ def run_testbed(
         logger.info("testbed: %s took %.0f s", label, now - since)
         return now
 
-    if not (paths.model / "anchorkd_tiny.json").is_file():
-        make_tiny_model(paths.model, seed=0)
-    data_sizes = SyntheticSizes.quick() if sizes.data == "quick" else SyntheticSizes()
-    manifest = paths.data / "manifest.json"
-    if not manifest.is_file() or json.loads(manifest.read_text()).get("sizes") != asdict(data_sizes):
-        make_synthetic_data(paths.data, seed=0, sizes=data_sizes, overwrite=True)
+    # The assets are those of the demo (seed 0); the testbed's seeds vary only the domain runs.
+    prepare_demo_assets(paths.root, seed=0, quick=sizes.data == "quick")
     mark = lap("assets", started)
 
     base, cached = build_base(paths, sizes)
@@ -298,7 +285,7 @@ def run_testbed(
             base_eval = evaluate_run("base", paths, base, None, sizes, seeds[0])
             mark = lap("eval_base", mark)
         eval_dirs["base"] = base_eval
-        base_ppl = json.loads((base_eval / "text_eval.json").read_text())["ppl"]
+        base_ppl = read_text_eval(base_eval / TEXT_EVAL_FILE)["ppl"]
         for name in runs:
             adapter = train_domain_run(name, paths, base, sizes, seed)
             mark = lap(f"train_{name}_seed{seed}", mark)

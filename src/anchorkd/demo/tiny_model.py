@@ -14,11 +14,12 @@ logit-level KD is expensive, so the tiny model is a fair stand-in for cost measu
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from anchorkd.io import atomic_write_json
 
 # Qwen-VL chat template: system/user/assistant turns, with image and video placeholders expanded to
 # the vision tokens the Qwen3-VL processor fills in. Written for this project.
@@ -179,7 +180,7 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, sizes: TinyQwen3VLSizes 
             "sizes": asdict(sizes),
             "parameters": sum(p.numel() for p in model.parameters()),
         }
-        (staging / "anchorkd_tiny.json").write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(staging / "anchorkd_tiny.json", meta)
         for path in staging.iterdir():
             path.chmod(0o644)  # safetensors writes 0600; a checkpoint is shared like any other file
         if out_dir.exists():

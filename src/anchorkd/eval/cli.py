@@ -34,7 +34,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .generate import DEFAULT_MODEL_TYPE, TORCH_DTYPES
+    from .model import DEFAULT_MODEL_TYPE, TORCH_DTYPES
 
     parser.add_argument(
         "--model",
@@ -70,7 +70,7 @@ def _cmd_generate(ns) -> int:
 
 
 def _cmd_score(ns) -> int:
-    from .compare import score_generations, write_scores
+    from .score import score_generations, write_scores
 
     out = Path(ns.out) if ns.out else Path(ns.generations).parent
     scores = score_generations(ns.generations, ns.lexicon)
@@ -81,7 +81,8 @@ def _cmd_score(ns) -> int:
 
 
 def _cmd_text(ns) -> int:
-    from .text_eval import EXIT_TEXT_REGRESSION, TEXT_EVAL_FILE, evaluate_text
+    from .score import TEXT_EVAL_FILE
+    from .text_eval import EXIT_TEXT_REGRESSION, evaluate_text
 
     document = evaluate_text(
         ns.model,

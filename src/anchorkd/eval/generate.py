@@ -10,8 +10,9 @@ Outputs of :func:`generate_captions` in ``out_dir``:
 
 * ``generations.jsonl`` -- one line per sample: ``id, source, line, scene, style, prompt, images,
   caption, reference, objects, finish_reason, generated_tokens``. Lines are written to a hidden
-  ``.generations.jsonl.partial`` as batches finish and the file is renamed into place only at the end,
-  so ``generations.jsonl`` is never half-written (a crashed run leaves only the partial file).
+  temporary file (``.generations.jsonl.<random>.tmp``) as batches finish and the file is renamed into
+  place only at the end (:func:`anchorkd.io.write_jsonl`), so ``generations.jsonl`` is never
+  half-written.
 * ``generation_settings.json`` -- model, adapter, data files with SHA-256, decoding settings, speed,
   library versions and git revision (:mod:`anchorkd.eval.provenance`).
 """
@@ -20,67 +21,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anchorkd.data.validate import read_jsonl_records
 from anchorkd.errors import ConfigError, DataError
+from anchorkd.eval.model import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
 from anchorkd.eval.provenance import describe_file, run_provenance
+from anchorkd.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_TYPE = "qwen3_vl"
-"""ms-swift model type: cannot be inferred from a Qwen3-VL folder (qwen3_vl / _emb / _reranker match)."""
-
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "generation_settings.json"
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --------------------------------------------------------------------------------------------------
-# Inputs: checkpoints and data files
+# Inputs: evaluation records
 # --------------------------------------------------------------------------------------------------
-
-
-def require_checkpoint(path: str | Path, option: str = "--model") -> Path:
-    """A local model checkpoint folder (with ``config.json``); ConfigError naming ``option`` otherwise.
-
-    Evaluation runs offline, so a hub model id is not accepted: it would only fail later, less clearly.
-    """
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(option, f"checkpoint not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(option, f"not a model checkpoint (no config.json): {folder}")
-    return folder.resolve()
-
-
-def require_adapter(path: str | Path, option: str = "--adapter") -> Path:
-    """A LoRA adapter folder (with ``adapter_config.json``); ConfigError naming ``option`` otherwise."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(option, f"adapter not found: {folder}")
-    if not (folder / "adapter_config.json").is_file():
-        raise ConfigError(option, f"not a LoRA adapter (no adapter_config.json): {folder}")
-    return folder.resolve()
-
-
-def read_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, record)`` of an ms-swift JSONL file after checking every line and image.
-
-    The whole file is validated before the first record is returned (anchorkd's training-data
-    checks), so a bad line fails the run before any model time is spent, with ``file:line``.
-    """
-    from anchorkd.data.validate import iter_jsonl, validate_jsonl
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(str(path), "data file not found")
-    validate_jsonl(path)
-    yield from iter_jsonl(path)
 
 
 @dataclass(frozen=True)
@@ -155,73 +116,6 @@ def read_eval_samples(path: str | Path, limit: int | None = None) -> list[EvalSa
 
 
 # --------------------------------------------------------------------------------------------------
-# Model loading (once, reused for every data file and for the text perplexity)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    """An ms-swift inference engine with its checkpoint (and optional adapter) applied."""
-
-    engine: Any  # swift.infer_engine.TransformersEngine (imported lazily: loading ms-swift takes seconds)
-    model: Path
-    adapter: Path | None
-    model_type: str
-
-    def describe(self) -> dict[str, Any]:
-        model = self.engine.model
-        return {
-            "model": str(self.model),
-            "adapter": str(self.adapter) if self.adapter else None,
-            "model_type": self.model_type,
-            "template": self.engine.template.template_meta.template_type,
-            "dtype": str(getattr(model, "dtype", None)).removeprefix("torch."),
-            "device": str(getattr(model, "device", None)),
-        }
-
-
-def load_model(
-    model: str | Path,
-    adapter: str | Path | None = None,
-    *,
-    model_type: str = DEFAULT_MODEL_TYPE,
-    torch_dtype: str | None = None,
-) -> LoadedModel:
-    """Load a checkpoint through ms-swift (its model loader, template and LoRA loading).
-
-    ``torch_dtype`` is one of TORCH_DTYPES or None for the checkpoint's own dtype.
-    """
-    model_dir = require_checkpoint(model, "--model")
-    adapter_dir = require_adapter(adapter, "--adapter") if adapter is not None else None
-    if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
-        raise ConfigError("--torch-dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
-
-    import torch
-    from swift.infer_engine import TransformersEngine
-
-    engine = TransformersEngine(
-        str(model_dir),
-        adapters=[str(adapter_dir)] if adapter_dir else None,
-        model_type=model_type,
-        torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
-        max_batch_size=0,  # callers hand over one batch at a time
-    )
-    engine.model.eval()
-    return LoadedModel(engine=engine, model=model_dir, adapter=adapter_dir, model_type=model_type)
-
-
-def as_loaded_model(
-    model: str | Path | LoadedModel, adapter: str | Path | None = None, **load_options: Any
-) -> LoadedModel:
-    """``model`` if it is already loaded (then ``adapter`` must be None: it is applied), else load it."""
-    if isinstance(model, LoadedModel):
-        if adapter is not None:
-            raise ConfigError("--adapter", "the model is already loaded; pass the adapter to load_model")
-        return model
-    return load_model(model, adapter, **load_options)
-
-
-# --------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------
 
@@ -287,25 +181,19 @@ def generate_captions(
 
     request_config = RequestConfig(max_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final_path = out_dir / GENERATIONS_FILE
-    partial_path = out_dir / f".{GENERATIONS_FILE}.partial"
     total = sum(len(samples) for samples in samples_by_file.values())
     started = time.perf_counter()
-    with (
-        partial_path.open("w", encoding="utf-8") as handle,
-        tqdm(total=total, desc="generate", unit="sample", disable=not show_progress) as progress,
-    ):
-        for samples in samples_by_file.values():
-            for batch in _batches(samples, batch_size):
-                for record in _generate_batch(loaded, batch, request_config):
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                handle.flush()
-                progress.update(len(batch))
-        handle.flush()
-        os.fsync(handle.fileno())
+    with tqdm(total=total, desc="generate", unit="sample", disable=not show_progress) as progress:
+
+        def records() -> Iterator[dict[str, Any]]:
+            for samples in samples_by_file.values():
+                for batch in _batches(samples, batch_size):
+                    yield from _generate_batch(loaded, batch, request_config)
+                    progress.update(len(batch))
+
+        write_jsonl(final_path, records())
     elapsed = time.perf_counter() - started
-    os.replace(partial_path, final_path)
 
     settings = {
         **loaded.describe(),
@@ -321,8 +209,6 @@ def generate_captions(
         "samples_per_s": round(total / elapsed, 4) if elapsed > 0 else None,
         **run_provenance(),
     }
-    from anchorkd.eval.report import atomic_write_text
-
-    atomic_write_text(out_dir / SETTINGS_FILE, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(out_dir / SETTINGS_FILE, settings)
     logger.info("%d captions in %.1f s (%.2f samples/s) -> %s", total, elapsed, total / elapsed, final_path)
     return final_path

@@ -52,29 +52,18 @@ from pydantic import (
     model_validator,
 )
 
+from anchorkd.data.dense_caption import normalize_phrase
+from anchorkd.errors import LexiconError
 from anchorkd.resources import default_lexicon_path
 
 DEFAULT_LEXICON_PATH = default_lexicon_path()
 """The telecom lexicon shipped with the package."""
 
-_SEPARATORS = re.compile(r"[\s_\-]+")
 _WORD_CHAR = "[a-z0-9]"
 
 CanonicalName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
 # A synonym must contain a letter or digit, otherwise it would match punctuation or nothing at all.
 Synonym = Annotated[str, StringConstraints(pattern=r"[A-Za-z0-9]")]
-
-
-class LexiconError(ValueError):
-    """A lexicon file is unreadable or invalid; the message names the file and the key path."""
-
-
-def normalize_phrase(text: str) -> str:
-    """Lower-case ``text`` and make ``_``, ``-`` and whitespace runs a single space.
-
-    This is the form in which synonyms are compared, so "Patch_Panel" and "patch panel" are equal.
-    """
-    return _SEPARATORS.sub(" ", text.strip().lower()).strip()
 
 
 class LexiconObject(BaseModel):

@@ -19,9 +19,10 @@ Counting conventions (chosen once here so that every metric agrees):
 * OOD domain-object rate = fraction of out-of-domain captions (scene != ``domain_scene``) that name at
   least one domain object (lexicon ``domain: true``) that is not in that image's ground truth; naming
   a domain object that really is in the picture is not domain leakage.
-* Dense field scores match predicted ``name: [x1, y1, x2, y2]`` lines to ground-truth boxes one-to-one
-  (greedy by IoU, same name, IoU >= threshold) and micro-average over the set. Malformed lines are
-  false positives: a model that breaks the format must not look better for it.
+* Dense field scores match predicted ``name: [x1, y1, x2, y2]`` lines (read by
+  :func:`anchorkd.data.dense_caption.parse_dense_caption`) to ground-truth boxes one-to-one (greedy by
+  IoU, same name, IoU >= threshold) and micro-average over the set. Malformed lines are false
+  positives: a model that breaks the format must not look better for it.
 * A ratio with an empty denominator is reported as 0.0 together with its (zero) count, rather than
   NaN, so reports and JSON stay well-formed; read the count to tell "0 of 0" from "0 of 50".
 
@@ -31,7 +32,6 @@ BLEU (sacreBLEU corpus BLEU, 0-100) and ROUGE-L F (rouge-score, 0-1, stemmed) co
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,9 +39,14 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from anchorkd.eval.lexicon import Lexicon, normalize_phrase
-
-Box = tuple[float, float, float, float]
+from anchorkd.data.dense_caption import (
+    DenseCaption,
+    DenseField,
+    field_name,
+    ordered_box,
+    parse_dense_caption,
+)
+from anchorkd.eval.lexicon import Lexicon
 
 
 class CaptionSample(NamedTuple):
@@ -195,72 +200,11 @@ def ood_domain_object_rate(
 # Dense captions: field-level precision / recall / F1
 # --------------------------------------------------------------------------------------------------
 
-_DENSE_LINE = re.compile(
-    r"""^\s*(?:[-*\u2022]\s+|\d+[.)]\s+)?        # optional bullet or list number
-        (?P<name>[^:\[\]()]*?[A-Za-z][^:\[\]()]*?)  # object name (must contain a letter)
-        \s*:?\s*[\[(](?P<coords>[^\[\]()]*)[\])]    # [x1, y1, x2, y2] or (x1, y1, x2, y2)
-        \s*[,;.]?\s*$""",
-    re.VERBOSE,
-)
-_NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
-_SKIPPED_LINE = re.compile(r"^\s*(?:```\w*)?\s*$")  # blank lines and markdown code fences carry no field
-
-
-@dataclass(frozen=True)
-class DenseField:
-    """One object of a dense caption: canonical name and box (x1 <= x2, y1 <= y2)."""
-
-    name: str
-    box: Box
-
-
-@dataclass(frozen=True)
-class DenseCaption:
-    """A parsed dense caption: the well-formed fields and the lines that were not."""
-
-    fields: tuple[DenseField, ...]
-    malformed_lines: tuple[str, ...]
-
-
-def _field_name(raw_name: str, canonicalize: Callable[[str], str | None] | None) -> str:
-    canonical = canonicalize(raw_name) if canonicalize is not None else None
-    return canonical if canonical is not None else normalize_phrase(raw_name).replace(" ", "_")
-
-
-def _ordered_box(coords: Sequence[float]) -> Box:
-    x1, y1, x2, y2 = coords
-    return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
-
-
-def parse_dense_caption(text: str, canonicalize: Callable[[str], str | None] | None = None) -> DenseCaption:
-    """Parse ``name: [x1, y1, x2, y2]`` lines, tolerating what models typically get slightly wrong.
-
-    Accepted: bullets / list numbers, spaces or ``-`` instead of ``_`` in the name, a missing colon,
-    round brackets, float coordinates, commas and/or spaces between numbers, a trailing punctuation
-    mark, swapped corners (reordered). Blank lines and markdown code fences are ignored. Anything else
-    (wrong number of coordinates, no box, non-numeric values) is kept as a malformed line.
-    ``canonicalize`` (e.g. ``Lexicon.canonicalize``) maps synonyms to canonical names; names it does
-    not know are kept in snake_case.
-    """
-    fields: list[DenseField] = []
-    malformed: list[str] = []
-    for line in text.splitlines():
-        if _SKIPPED_LINE.match(line):
-            continue
-        match = _DENSE_LINE.match(line)
-        coords = [c for c in re.split(r"[\s,]+", match.group("coords").strip()) if c] if match else []
-        if match is None or len(coords) != 4 or not all(_NUMBER.match(c) for c in coords):
-            malformed.append(line.strip())
-            continue
-        box = _ordered_box([float(c) for c in coords])
-        fields.append(DenseField(name=_field_name(match.group("name"), canonicalize), box=box))
-    return DenseCaption(fields=tuple(fields), malformed_lines=tuple(malformed))
-
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two ``[x1, y1, x2, y2]`` boxes (1.0 for identical degenerate boxes)."""
-    ax1, ay1, ax2, ay2 = _ordered_box(a)
-    bx1, by1, bx2, by2 = _ordered_box(b)
+    ax1, ay1, ax2, ay2 = ordered_box(a)
+    bx1, by1, bx2, by2 = ordered_box(b)
     intersection = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
     union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - intersection
     if union <= 0:
@@ -356,7 +300,7 @@ class _FieldCounts:
 def _reference_fields(
     objects: Iterable[Mapping[str, Any]], canonicalize: Callable[[str], str | None] | None
 ) -> list[DenseField]:
-    return [DenseField(_field_name(o["name"], canonicalize), _ordered_box(o["box"])) for o in objects]
+    return [DenseField(field_name(o["name"], canonicalize), ordered_box(o["box"])) for o in objects]
 
 
 def dense_field_scores(

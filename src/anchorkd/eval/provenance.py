@@ -8,13 +8,14 @@ cannot be found (no git, a package not installed) is recorded as None.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from anchorkd.io import sha256_file
 
 # Distribution names (as pip knows them) whose versions change generated text or scores.
 TRACKED_DISTRIBUTIONS = {
@@ -25,22 +26,11 @@ TRACKED_DISTRIBUTIONS = {
     "peft": "peft",
 }
 
-_HASH_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks (eval sets with inline images can be large)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def describe_file(path: str | Path) -> dict[str, Any]:
     """``{"path", "sha256"}`` of an input file, with the path made absolute so it stays unambiguous."""
     resolved = Path(path).expanduser().resolve()
-    return {"path": str(resolved), "sha256": file_sha256(resolved)}
+    return {"path": str(resolved), "sha256": sha256_file(resolved)}
 
 
 def package_versions() -> dict[str, str | None]:

@@ -16,11 +16,7 @@ temporary file first and moved into place, so a crash never leaves a half-writte
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,39 +27,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from anchorkd.io import atomic_write_json, atomic_write_text, finite_number, save_figure
+
 STD_SUFFIX = "_std"
 RUN_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic file output (shared with telemetry_report)
-# --------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Render ``figure`` to PNG in memory, then write it atomically."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,15 +95,8 @@ METRIC_GROUPS = (HALLUCINATION, QUALITY, FLUENCY)
 METRIC_SPECS = {spec.key: spec for group in METRIC_GROUPS for spec in group.metrics}
 
 
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float, or None when it is missing, not a number, NaN or infinite."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _metric_value(metrics: Mapping[str, Any], key: str) -> tuple[float | None, float | None]:
-    return _number(metrics.get(key)), _number(metrics.get(key + STD_SUFFIX))
+    return finite_number(metrics.get(key)), finite_number(metrics.get(key + STD_SUFFIX))
 
 
 def _format_value(spec: MetricSpec, value: float | None, std: float | None = None) -> str:
@@ -177,7 +137,7 @@ def _other_metric_keys(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     keys: dict[str, None] = {}
     for metrics in runs.values():
         for key, value in metrics.items():
-            if key.endswith(STD_SUFFIX) or key in METRIC_SPECS or _number(value) is None:
+            if key.endswith(STD_SUFFIX) or key in METRIC_SPECS or finite_number(value) is None:
                 continue
             keys[key] = None
     return list(keys)
@@ -483,11 +443,7 @@ def write_comparison_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = dict(metadata or {})
     document = {"title": title, "metadata": metadata, "runs": runs}
-    written = [
-        atomic_write_text(
-            out_dir / "report.json", json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n"
-        )
-    ]
+    written = [atomic_write_json(out_dir / "report.json", _json_safe(document))]
     charts = _write_charts(out_dir, runs)
     markdown = _render_markdown(title, runs, metadata, examples, charts)
     written.append(atomic_write_text(out_dir / "report.md", markdown))

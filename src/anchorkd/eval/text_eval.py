@@ -10,31 +10,34 @@ mask the system prompt, the user turns and the chat scaffolding, and keep the as
     ppl = exp(nll)
 
 i.e. one micro-average over the file, so long answers weigh by their length, as in training. The
-change vs a base model is ``100 * (ppl - base_ppl) / base_ppl`` (positive = worse); the ``eval text``
-command exits with :data:`EXIT_TEXT_REGRESSION` when it exceeds the allowed percentage, so it can gate a
-pipeline.
+change vs a base model is ``100 * (ppl - base_ppl) / base_ppl`` (positive = worse; judged and written
+to ``text_eval.json`` by :mod:`anchorkd.eval.score`); the ``eval text`` command exits with
+:data:`EXIT_TEXT_REGRESSION` when it exceeds the allowed percentage, so it can gate a pipeline.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from anchorkd.data.validate import read_jsonl_records
 from anchorkd.errors import ConfigError, DataError
-from anchorkd.eval.generate import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model, read_jsonl_records
-from anchorkd.eval.provenance import describe_file, run_provenance
+from anchorkd.eval.model import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
+from anchorkd.eval.score import (
+    DEFAULT_MAX_REGRESSION_PCT,
+    base_from_text_eval,
+    text_eval_document,
+    write_text_eval,
+)
 
 logger = logging.getLogger(__name__)
 
 EXIT_TEXT_REGRESSION = 3
 """Exit status of ``anchorkd eval text`` when perplexity rose by more than ``--max-regression-pct``."""
 
-TEXT_EVAL_FILE = "text_eval.json"
-DEFAULT_MAX_REGRESSION_PCT = 5.0
 IGNORE_INDEX = -100  # ms-swift's label for tokens without a loss
 
 
@@ -128,85 +131,6 @@ def text_perplexity(
             {"id": s["id"], "tokens": s["tokens"], "nll": s["nll_sum"] / s["tokens"]} for s in per_sample
         ],
     }
-
-
-def perplexity_change_pct(ppl: float, base_ppl: float) -> float:
-    """Relative perplexity change in percent; positive means the model got worse than the base."""
-    if not base_ppl > 0:
-        raise ValueError(f"base perplexity must be positive, got {base_ppl}")
-    return 100.0 * (ppl - base_ppl) / base_ppl
-
-
-def text_eval_document(
-    result: dict[str, Any],
-    *,
-    model: dict[str, Any],
-    data_file: str | Path,
-    base: dict[str, Any] | None = None,
-    max_regression_pct: float = DEFAULT_MAX_REGRESSION_PCT,
-) -> dict[str, Any]:
-    """The ``text_eval.json`` content: the measurement, the base it is compared with, and the verdict.
-
-    ``base`` holds at least ``ppl`` (plus where it came from); without one there is no verdict
-    (``regressed`` is None) and the gate passes.
-    """
-    change = perplexity_change_pct(result["ppl"], base["ppl"]) if base is not None else None
-    return {
-        **model,
-        "data": describe_file(data_file),
-        **{key: result[key] for key in ("ppl", "nll", "tokens", "samples")},
-        "base": base,
-        "ppl_change_pct": change,
-        "max_regression_pct": max_regression_pct,
-        "regressed": None if change is None else change > max_regression_pct,
-        "per_sample": result.get("per_sample", []),
-        **run_provenance(),
-    }
-
-
-def read_text_eval(path: str | Path) -> dict[str, Any]:
-    """Load a ``text_eval.json`` written earlier (e.g. the base model's, to compare against)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(str(path), "text evaluation file not found")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(str(path), f"not valid JSON ({error.msg})", error.lineno) from None
-    ppl = document.get("ppl") if isinstance(document, dict) else None
-    if isinstance(ppl, bool) or not isinstance(ppl, int | float) or not math.isfinite(ppl) or ppl <= 0:
-        raise DataError(str(path), f"'ppl' must be a positive number, got {ppl!r}")
-    return document
-
-
-def base_from_text_eval(path: str | Path, data_file: str | Path) -> dict[str, Any]:
-    """The base entry of a comparison taken from an earlier ``text_eval.json``.
-
-    The earlier run must have scored the very same data file (same SHA-256): perplexities of different
-    text are not comparable.
-    """
-    document = read_text_eval(path)
-    expected = describe_file(data_file)["sha256"]
-    measured_on = (document.get("data") or {}).get("sha256")
-    if measured_on is not None and measured_on != expected:
-        raise DataError(
-            str(path), f"was measured on different data (sha256 {measured_on[:12]}…, not {expected[:12]}…)"
-        )
-    return {
-        "model": document.get("model"),
-        "adapter": document.get("adapter"),
-        "ppl": document["ppl"],
-        "nll": document.get("nll"),
-        "tokens": document.get("tokens"),
-        "source": str(Path(path).expanduser().resolve()),
-    }
-
-
-def write_text_eval(out_dir: str | Path, document: dict[str, Any]) -> Path:
-    from anchorkd.eval.report import atomic_write_text
-
-    path = Path(out_dir) / TEXT_EVAL_FILE
-    return atomic_write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
 def evaluate_text(

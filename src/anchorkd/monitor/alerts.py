@@ -23,7 +23,9 @@ Rules:
     Any numeric term is NaN or infinite; named with its step. Non-finite values are not added to the
     rule histories, so they cannot poison the medians and means used afterwards.
 
-Windows count logged values, not optimizer steps (the logging interval sets the time scale).
+The thresholds are :class:`AlertConfig`, declared with the rest of the settings in
+:mod:`anchorkd.config.schema` (``custom.monitor`` of a run config). Windows count logged values, not
+optimizer steps (the logging interval sets the time scale).
 Metric names may arrive bare (``llm_kd_loss``) or with a ``train/`` prefix (``train/llm_kd_loss``,
 TensorBoard-style); both are the same term. Other prefixes (``eval/``, ``eval_``) are kept, so
 evaluation values never mix into the training-loss histories.
@@ -38,38 +40,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from anchorkd.config.schema import AlertConfig
+from anchorkd.io import real_number
 
 KD_METRIC = "llm_kd_loss"
 SFT_METRIC = "sft_loss"
 TRAIN_PREFIX = "train/"
 
 AlertRule = Literal["llm_kd_loss_spike", "sft_loss_regression", "nonfinite"]
-
-
-class AlertConfig(BaseModel):
-    """Thresholds of the alert rules (see the module docstring for what each rule watches)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kd_spike_factor: float = Field(default=3.0, gt=1.0)
-    kd_spike_window: int = Field(default=20, ge=1)
-    kd_spike_min_history: int = Field(default=5, ge=1)
-    kd_spike_min_threshold: float = Field(default=0.05, ge=0.0)
-    sft_regression_window: int = Field(default=20, ge=1)
-    sft_regression_tolerance: float = Field(default=0.10, ge=0.0)
-    nonfinite: bool = True
-
-    @model_validator(mode="after")
-    def _history_fits_window(self) -> AlertConfig:
-        # The running-median window holds at most kd_spike_window values, so a larger minimum history
-        # would silently disable the spike rule.
-        if self.kd_spike_min_history > self.kd_spike_window:
-            raise ValueError(
-                f"kd_spike_min_history ({self.kd_spike_min_history}) must not exceed "
-                f"kd_spike_window ({self.kd_spike_window})"
-            )
-        return self
 
 
 @dataclass(frozen=True)
@@ -92,13 +70,6 @@ def normalize_metric_name(name: str) -> str:
     return name.removeprefix(TRAIN_PREFIX)
 
 
-def _as_float(value: Any) -> float | None:
-    """Numeric values (not bools, not strings such as '3/10') as float, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
 class AlertMonitor:
     """Stateful rule checker: call :meth:`update` with each logged step, in step order."""
 
@@ -113,7 +84,7 @@ class AlertMonitor:
         alerts: list[Alert] = []
         finite: dict[str, float] = {}
         for raw_name, raw_value in metrics.items():
-            value = _as_float(raw_value)
+            value = real_number(raw_value)
             if value is None:
                 continue
             name = normalize_metric_name(raw_name)

@@ -6,12 +6,12 @@ or a CI gate can watch the file while the run goes on (``anchorkd report`` lists
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..io import append_jsonl
 from .alerts import AlertConfig, AlertMonitor
 
 logger = logging.getLogger("anchorkd")
@@ -29,7 +29,6 @@ class AlertCallback(TrainerCallback):
         alerts = self.monitor.update(int(state.global_step), logs)
         if not alerts:
             return
-        with self.path.open("a", encoding="utf-8") as handle:
-            for alert in alerts:
-                logger.warning("alert at step %d: %s", alert.step, alert.message)
-                handle.write(json.dumps(alert.to_dict()) + "\n")
+        for alert in alerts:
+            logger.warning("alert at step %d: %s", alert.step, alert.message)
+        append_jsonl(self.path, (alert.to_dict() for alert in alerts))

@@ -17,22 +17,23 @@ accuracy against the step (train and eval series in one subplot per term), repla
 * the end-of-training record (with ``train_runtime``) is a run summary, not a step, because its
   ``train_loss`` is the run average and would plot as a bogus last point.
 
-A line that is not a JSON object raises :class:`TelemetryFormatError` naming ``file:line``.
+A line that is not a JSON object raises :class:`~anchorkd.errors.TelemetryFormatError` naming
+``file:line``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from matplotlib.figure import Figure
 
-from anchorkd.eval.report import atomic_write_text, save_figure
-from anchorkd.monitor.alerts import Alert, AlertConfig, AlertMonitor, normalize_metric_name
+from anchorkd.errors import TelemetryFormatError
+from anchorkd.io import atomic_write_text, finite_number, iter_jsonl, real_number, save_figure
+from anchorkd.monitor.alerts import Alert, AlertConfig, normalize_metric_name, replay_alerts
 
 LOGGING_FILE = "logging.jsonl"
 EVAL_PREFIXES = ("eval_", "eval/")
@@ -48,10 +49,6 @@ ALERT_COLORS = {"llm_kd_loss_spike": "#C44E52", "sft_loss_regression": "#8172B3"
 Split = Literal["train", "eval", "summary"]
 
 
-class TelemetryFormatError(ValueError):
-    """A ``logging.jsonl`` line could not be understood; the message starts with ``file:line``."""
-
-
 @dataclass(frozen=True)
 class TelemetryRecord:
     """The numeric values one log line holds for one split, at one step."""
@@ -63,7 +60,7 @@ class TelemetryRecord:
     max_steps: int | None = None
 
 
-def _parse_step(raw: Mapping[str, Any], where: str) -> tuple[int | None, int | None]:
+def _parse_step(raw: Mapping[str, Any], path: Path, line: int) -> tuple[int | None, int | None]:
     """(step, max_steps) from a raw record, or (None, None) when it carries no step."""
     if STEP_KEY in raw:
         text = str(raw[STEP_KEY])
@@ -71,10 +68,10 @@ def _parse_step(raw: Mapping[str, Any], where: str) -> tuple[int | None, int | N
         try:
             return int(current), int(total) if total else None
         except ValueError:
-            raise TelemetryFormatError(f"{where}: cannot read {STEP_KEY}={text!r}") from None
+            raise TelemetryFormatError(str(path), f"cannot read {STEP_KEY}={text!r}", line) from None
     for key in ("global_step", "step"):
-        value = raw.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        value = finite_number(raw.get(key))
+        if value is not None:
             return int(value), None
     return None, None
 
@@ -104,7 +101,7 @@ def _split_record(raw: Mapping[str, Any]) -> dict[Split, dict[str, float]]:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return real_number(value) is not None
 
 
 def read_logging_jsonl(path: str | Path) -> list[TelemetryRecord]:
@@ -116,24 +113,18 @@ def read_logging_jsonl(path: str | Path) -> list[TelemetryRecord]:
     path = Path(path)
     records: list[TelemetryRecord] = []
     last_step = 0
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TelemetryFormatError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(raw, dict):
-                raise TelemetryFormatError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            step, max_steps = _parse_step(raw, where)
-            for split, metrics in _split_record(raw).items():
-                implied_step = last_step + 1 if split == "train" else last_step
-                record_step = step if step is not None else implied_step
-                records.append(TelemetryRecord(record_step, split, metrics, line_number, max_steps))
-                if split != "summary":
-                    last_step = record_step
+    for line_number, raw in iter_jsonl(path, error=TelemetryFormatError):
+        if not isinstance(raw, dict):
+            raise TelemetryFormatError(
+                str(path), f"expected a JSON object, got {type(raw).__name__}", line_number
+            )
+        step, max_steps = _parse_step(raw, path, line_number)
+        for split, metrics in _split_record(raw).items():
+            implied_step = last_step + 1 if split == "train" else last_step
+            record_step = step if step is not None else implied_step
+            records.append(TelemetryRecord(record_step, split, metrics, line_number, max_steps))
+            if split != "summary":
+                last_step = record_step
     return records
 
 
@@ -166,16 +157,14 @@ def _series(records: Sequence[TelemetryRecord], split: Split, term: str) -> list
     return [(r.step, r.metrics[term]) for r in records if r.split == split and term in r.metrics]
 
 
-def _replay_alerts(records: Sequence[TelemetryRecord], config: AlertConfig | None) -> list[Alert]:
-    """Alerts over the log; eval values are fed as ``eval/<name>`` so only the non-finite rule sees them."""
-    monitor = AlertMonitor(config)
-    alerts = []
+def _alert_steps(records: Sequence[TelemetryRecord]) -> Iterator[tuple[int, dict[str, float]]]:
+    """The log as the live monitor saw it; eval values as ``eval/<name>``, so only the non-finite
+    rule looks at them."""
     for record in records:
         if record.split == "train":
-            alerts += monitor.update(record.step, record.metrics)
+            yield record.step, record.metrics
         elif record.split == "eval":
-            alerts += monitor.update(record.step, {f"eval/{k}": v for k, v in record.metrics.items()})
-    return alerts
+            yield record.step, {f"eval/{k}": v for k, v in record.metrics.items()}
 
 
 def _alert_term(alert: Alert) -> tuple[str, str]:
@@ -326,7 +315,7 @@ def make_telemetry_report(
     out_dir = Path(out_dir) if out_dir is not None else source.parent
     records = read_logging_jsonl(source)
     terms = _plotted_terms(records)
-    alerts = _replay_alerts(records, alert_config)
+    alerts = replay_alerts(_alert_steps(records), alert_config)
     title = f"Training telemetry: {source.parent.name}"
 
     files: list[Path] = []

@@ -8,12 +8,12 @@ A mismatch found after an hour of training is an hour lost; here it costs a seco
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..io import sha256_bytes
 
 IMAGE_PROCESSOR_KEYS = (
     "size",
@@ -60,10 +60,6 @@ class ProcessorFingerprint:
         return found
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def fingerprint(checkpoint: str | Path) -> ProcessorFingerprint:
     """Fingerprint a checkpoint folder from its tokenizer and processor files."""
     from transformers import AutoTokenizer
@@ -76,9 +72,9 @@ def fingerprint(checkpoint: str | Path) -> ProcessorFingerprint:
     template = _chat_template(folder, tokenizer)
     return ProcessorFingerprint(
         vocab_size=len(vocab),
-        vocab_sha256=_sha256(vocab_bytes),
+        vocab_sha256=sha256_bytes(vocab_bytes),
         special_tokens=special,
-        chat_template_sha256=_sha256(template.encode()) if template else None,
+        chat_template_sha256=sha256_bytes(template.encode()) if template else None,
         image_processor=_image_processor_settings(folder),
     )
 

@@ -1,0 +1,105 @@
+"""The model under evaluation: a local checkpoint (and optional LoRA adapter) loaded through ms-swift.
+
+Loading is the one place where evaluation touches weights; generation (:mod:`anchorkd.eval.generate`)
+and text perplexity (:mod:`anchorkd.eval.text_eval`) take a :class:`LoadedModel`, so one checkpoint is
+loaded once for all of them. Scoring and comparison never come here. ms-swift and torch are imported
+when a model is loaded, not when this module is, so ``anchorkd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anchorkd.errors import ConfigError
+
+DEFAULT_MODEL_TYPE = "qwen3_vl"
+"""ms-swift model type: cannot be inferred from a Qwen3-VL folder (qwen3_vl / _emb / _reranker match)."""
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def require_checkpoint(path: str | Path, option: str = "--model") -> Path:
+    """A local model checkpoint folder (with ``config.json``); ConfigError naming ``option`` otherwise.
+
+    Evaluation runs offline, so a hub model id is not accepted: it would only fail later, less clearly.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(option, f"checkpoint not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(option, f"not a model checkpoint (no config.json): {folder}")
+    return folder.resolve()
+
+
+def require_adapter(path: str | Path, option: str = "--adapter") -> Path:
+    """A LoRA adapter folder (with ``adapter_config.json``); ConfigError naming ``option`` otherwise."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(option, f"adapter not found: {folder}")
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(option, f"not a LoRA adapter (no adapter_config.json): {folder}")
+    return folder.resolve()
+
+
+@dataclass
+class LoadedModel:
+    """An ms-swift inference engine with its checkpoint (and optional adapter) applied."""
+
+    engine: Any  # swift.infer_engine.TransformersEngine (imported lazily: loading ms-swift takes seconds)
+    model: Path
+    adapter: Path | None
+    model_type: str
+
+    def describe(self) -> dict[str, Any]:
+        model = self.engine.model
+        return {
+            "model": str(self.model),
+            "adapter": str(self.adapter) if self.adapter else None,
+            "model_type": self.model_type,
+            "template": self.engine.template.template_meta.template_type,
+            "dtype": str(getattr(model, "dtype", None)).removeprefix("torch."),
+            "device": str(getattr(model, "device", None)),
+        }
+
+
+def load_model(
+    model: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    torch_dtype: str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint through ms-swift (its model loader, template and LoRA loading).
+
+    ``torch_dtype`` is one of TORCH_DTYPES or None for the checkpoint's own dtype.
+    """
+    model_dir = require_checkpoint(model, "--model")
+    adapter_dir = require_adapter(adapter, "--adapter") if adapter is not None else None
+    if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
+        raise ConfigError("--torch-dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
+
+    import torch
+    from swift.infer_engine import TransformersEngine
+
+    engine = TransformersEngine(
+        str(model_dir),
+        adapters=[str(adapter_dir)] if adapter_dir else None,
+        model_type=model_type,
+        torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
+        max_batch_size=0,  # callers hand over one batch at a time
+    )
+    engine.model.eval()
+    return LoadedModel(engine=engine, model=model_dir, adapter=adapter_dir, model_type=model_type)
+
+
+def as_loaded_model(
+    model: str | Path | LoadedModel, adapter: str | Path | None = None, **load_options: Any
+) -> LoadedModel:
+    """``model`` if it is already loaded (then ``adapter`` must be None: it is applied), else load it."""
+    if isinstance(model, LoadedModel):
+        if adapter is not None:
+            raise ConfigError("--adapter", "the model is already loaded; pass the adapter to load_model")
+        return model
+    return load_model(model, adapter, **load_options)
