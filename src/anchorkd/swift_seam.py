@@ -196,3 +196,9 @@ def replace_progress_callback(trainer: Any, callback_cls: type, replaced_cls: ty
     if any(type(cb) is replaced_cls for cb in trainer.callback_handler.callbacks):
         trainer.remove_callback(replaced_cls)
         trainer.add_callback(callback_cls)
+
+
+def teacher_on_device(trainer: Any):
+    """ms-swift's context that loads an offloaded teacher (``offload_teacher_model``) onto the device for
+    the block and offloads it afterwards; a no-op otherwise."""
+    return trainer.load_teacher_model_context()

@@ -166,7 +166,6 @@ def test_visual_kd_needs_a_trainable_vision_path(tmp_path, gkd):
         ("rlhf.teacher_model_server", "http://127.0.0.1:8000", "needs its hidden states"),
         ("rlhf.gkd_logits_topk", 20, "uses the full vocabulary"),
         ("training.use_liger_kernel", True, "turn liger off"),
-        ("rlhf.offload_teacher_model", True, "must stay on the training device"),
     ],
 )
 def test_unsupported_with_gkd_monitor_is_refused_before_loading(tmp_path, gkd, key_path, value, words):
@@ -197,7 +196,6 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_no_teacher_server_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_topk_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_liger_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
-        "rule_no_offloaded_teacher_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
     }
     assert {rule.__name__ for rule in RULES} == set(named)
     assert all(f"def {test}(" in source for test in named.values())

@@ -229,14 +229,6 @@ def rule_no_liger_with_gkd_monitor(draft: ConfigDraft) -> None:
     )
 
 
-def rule_no_offloaded_teacher_with_gkd_monitor(draft: ConfigDraft) -> None:
-    _refuse_with_gkd_monitor(
-        draft,
-        "rlhf.offload_teacher_model",
-        "not supported by gkd_monitor: the teacher must stay on the training device",
-    )
-
-
 RULES: tuple[Rule, ...] = (
     rule_numeric_ranges,
     rule_rlhf_keys_need_rlhf_type,
@@ -250,7 +242,6 @@ RULES: tuple[Rule, ...] = (
     rule_no_teacher_server_with_gkd_monitor,
     rule_no_topk_with_gkd_monitor,
     rule_no_liger_with_gkd_monitor,
-    rule_no_offloaded_teacher_with_gkd_monitor,
 )
 
 
