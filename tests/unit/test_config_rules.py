@@ -181,6 +181,31 @@ def test_unsupported_keys_are_fine_with_ms_swifts_own_trainer(tmp_path, gkd):
     assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
 
 
+@pytest.fixture
+def two_cpu_ranks(monkeypatch):
+    from anchorkd.config.rules import LaunchEnvironment
+
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(2, False)))
+
+
+def test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused(tmp_path, gkd, two_cpu_ranks):
+    gkd["training"]["use_cpu"] = False
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "training.use_cpu" and "the ranks would train unsynchronised" in str(error)
+
+
+def test_several_cpu_ranks_get_use_cpu_automatically(tmp_path, gkd, two_cpu_ranks, clean_tb_env):
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    settings = ConfigLoader.build_settings(config, create_output_dir=False)
+    assert settings.train_args.use_cpu is True
+    assert "use_cpu" not in config.sections["training"]  # the config file is left as written
+
+
+def test_one_process_keeps_ms_swifts_device_choice(tmp_path, gkd, clean_tb_env):
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    assert ConfigLoader.build_settings(config, create_output_dir=False).train_args.use_cpu is False
+
+
 def test_every_rule_is_exercised_by_a_test_here():
     source = Path(__file__).read_text()
     named = {
@@ -193,6 +218,7 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_seq_kd_unsupported": "test_seq_kd_is_refused",
         "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
         "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
+        "rule_cpu_data_parallel_needs_use_cpu": "test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused",
         "rule_no_teacher_server_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_topk_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_liger_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",

@@ -27,7 +27,7 @@ import yaml
 
 from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
-from .rules import ConfigDraft, check_rules
+from .rules import ConfigDraft, LaunchEnvironment, check_rules
 from .schema import AnchorRlhfKnobs, CustomConfig, validate_model
 from .settings import AnchorSettings, RunMode, RunSettings, TeacherMode
 from .yaml_io import (
@@ -130,6 +130,7 @@ class ConfigLoader:
         """Step 5 alone: ms-swift's argument object and the frozen settings for a resolved config."""
         kwargs = config.swift_kwargs()
         _apply_offline_defaults(config, kwargs)
+        _apply_launch_defaults(LaunchEnvironment.detect(), kwargs)
         args_cls = _args_cls(config.mode != "sft")
         if not create_output_dir:
             # ms-swift also exports the log dir (TENSORBOARD_LOGGING_DIR, set only when unset): do not let
@@ -211,7 +212,7 @@ def _draft(raw: dict) -> ConfigDraft:
         "rlhf",
     )
     _check_swift_keys(sections, _args_cls(bool(sections["rlhf"].get("rlhf_type"))))
-    return ConfigDraft(sections, custom, knobs)
+    return ConfigDraft(sections, custom, knobs, LaunchEnvironment.detect())
 
 
 def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str]) -> ResolvedConfig:
@@ -352,6 +353,13 @@ def _apply_offline_defaults(config: ResolvedConfig, kwargs: dict) -> None:
     """Local checkpoints never need the hub: skip ms-swift's "is the local copy latest" hub listing."""
     if uses_only_local_paths(config):
         kwargs.setdefault("check_model", False)
+
+
+def _apply_launch_defaults(launch: LaunchEnvironment, kwargs: dict) -> None:
+    """Under torchrun on a machine without a GPU, transformers runs the ranks in DDP over gloo only with
+    ``use_cpu``; without it each rank trains alone. Engines that shard (DeepSpeed, FSDP) set up their own."""
+    if launch.cpu_data_parallel and not kwargs.get("deepspeed") and not kwargs.get("fsdp"):
+        kwargs.setdefault("use_cpu", True)
 
 
 # --- construction -----------------------------------------------------------------------------------
