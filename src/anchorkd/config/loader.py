@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from ..checkpoints import with_resume  # resume hook
 from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
 from .rules import ConfigDraft, LaunchEnvironment, check_rules
@@ -103,6 +104,7 @@ class ConfigLoader:
             config = _derive(draft, sources, origins.overridden)
             if check_files:
                 _check_checkpoints(config)
+                config = with_resume(config)  # resume hook: resume_from_checkpoint checked, auto resolved
         return config
 
     @classmethod
@@ -324,22 +326,6 @@ def _check_checkpoints(config: ResolvedConfig) -> None:
         _check_checkpoint("rlhf.teacher_model", rlhf.get("teacher_model"))
         for i, adapter in enumerate(rlhf.get("teacher_adapters", []) or []):
             _check_checkpoint(f"rlhf.teacher_adapters[{i}]", adapter)
-    _check_resume_checkpoint(config.sections["training"].get("resume_from_checkpoint"))
-
-
-def _check_resume_checkpoint(value: str | None) -> None:
-    if not value:
-        return
-    path = Path(value).expanduser()
-    key_path = "training.resume_from_checkpoint"
-    if not path.is_dir():
-        raise ConfigError(
-            key_path, f"checkpoint folder not found: {path} (give a checkpoint-N folder of a run)"
-        )
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(
-            key_path, f"{path} is not a complete training checkpoint: trainer_state.json is missing"
-        )
 
 
 def uses_only_local_paths(config: ResolvedConfig) -> bool:
