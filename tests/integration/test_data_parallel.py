@@ -73,12 +73,17 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / f"checkpoint-{STEPS}" / "adapter_model.safetensors")
 
 
-def assert_same_run(candidate: Path, reference: Path, terms=TERMS) -> None:
+def assert_same_run(
+    candidate: Path, reference: Path, terms=TERMS, rel: float = 1e-5, abs: float = 1e-8
+) -> None:
+    """Every term of every step within ``rel``; ``abs`` covers the KD terms' float noise when the reference
+    pads its batch of 4 differently from micro-batches of 2: a KD term of 1e-5 is a difference of nearly
+    equal distributions and carries ~1e-9 of fp32 rounding (the CE beside it agrees to 1e-7)."""
     got, want = step_records(candidate), step_records(reference)
     for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
         for term in terms:
             if term in w:
-                assert g[term] == pytest.approx(w[term], rel=1e-5, abs=1e-8), (step, term, g, w)
+                assert g[term] == pytest.approx(w[term], rel=rel, abs=abs), (step, term, g, w)
     a, b = adapter(candidate), adapter(reference)
     assert a.keys() == b.keys() and a
     for name in a:
@@ -123,7 +128,12 @@ def test_gkd_with_visual_kd_two_ranks_equal_one_rank_batch_4(runs):
 
 
 def test_gkd_with_visual_kd_two_ranks_equal_gradient_accumulation(runs):
-    assert_same_run(runs("stage_3_visual_kd.yaml", "2x2"), runs("stage_3_visual_kd.yaml", "1x2x2"))
+    """Same micro-batch shapes on both sides: agreement without an absolute tolerance."""
+    two_ranks_run, accumulated = (
+        runs("stage_3_visual_kd.yaml", "2x2"),
+        runs("stage_3_visual_kd.yaml", "1x2x2"),
+    )
+    assert_same_run(two_ranks_run, accumulated, rel=1e-6, abs=0.0)
 
 
 def test_reference_loss_two_ranks_equal_one_rank_batch_4(runs):

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ..checkpoints import with_resume  # resume hook
+from ..checkpoints import with_resume
 from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
 from .rules import ConfigDraft, LaunchEnvironment, check_rules
@@ -104,7 +104,7 @@ class ConfigLoader:
             config = _derive(draft, sources, origins.overridden)
             if check_files:
                 _check_checkpoints(config)
-                config = with_resume(config)  # resume hook: resume_from_checkpoint checked, auto resolved
+                config = with_resume(config)
         return config
 
     @classmethod

@@ -39,7 +39,7 @@ from .features import (
     lm_head_weight,
     visual_targets,
 )
-from .resume import ResumableGKDMixin  # resume hook
+from .resume import ResumableGKDMixin
 from .sharding import ddp_loss_scale, gathered_params, global_window_tokens
 
 logger = logging.getLogger("anchorkd")
@@ -70,7 +70,7 @@ def visual_tokens(model_inputs: dict, merge_size: int) -> int:
     return total
 
 
-class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):  # resume hook: ResumableGKDMixin
+class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
     """Subclass of ms-swift's ``GKDTrainer`` (no ms-swift file is changed).
 
     ``anchor_settings`` (``RunSettings.anchor``) carries every anchorkd knob; the pipeline passes it.
