@@ -47,6 +47,8 @@ MODES = {
     "gkd": (h.STAGE2_GKD_DEMO, 8, TIGHT_MONITOR),
     "gkd_on_policy": (h.STAGE2_GKD_DEMO, 6, ("rlhf.lmbda=0.5", "rlhf.max_completion_length=8")),
     "gkd_visual_kd": (h.CONFIGS_DIR / "demo" / "stage_3_visual_kd.yaml", 6, ()),
+    # ms-swift's own GKD trainer (custom.trainer_variant: default), which has the same sampler fault
+    "gkd_stock": (h.STAGE2_GKD_DEMO, 6, ("custom.trainer_variant=default", "rlhf.llm_kd_weight=1.0")),
 }
 # Per-process timings and memory: not part of the run's numbers.
 NOT_COMPARED = {"elapsed_time", "remaining_time", "train_speed(s/it)", "memory(GiB)", "percentage"}
@@ -56,6 +58,7 @@ TERMS = {
 }
 TERMS["gkd_visual_kd"] = TERMS["gkd"] | {"vision_kd_loss"}
 TERMS["gkd_on_policy"] = TERMS["gkd"]
+TERMS["gkd_stock"] = {"loss", "grad_norm", "learning_rate"}
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,16 @@ logger = logging.getLogger("anchorkd")
 
 
 def resolve_trainer_cls(settings: RunSettings) -> type:
-    """Trainer class for a run: anchorkd's GKD trainer for ``gkd_monitor`` GKD runs, else ms-swift's own."""
-    if settings.anchor.trainer_variant == "gkd_monitor" and settings.mode == "gkd":
-        from .gkd_monitor import GKDTrainerWithMetrics
+    """Trainer class for a run: anchorkd's GKD trainer for ``gkd_monitor`` GKD runs, ms-swift's GKD trainer
+    with anchorkd's resume fix for other GKD runs, else ms-swift's own class."""
+    if settings.mode == "gkd":
+        if settings.anchor.trainer_variant == "gkd_monitor":
+            from .gkd_monitor import GKDTrainerWithMetrics
 
-        return GKDTrainerWithMetrics
+            return GKDTrainerWithMetrics
+        from .resume import ResumableGKDTrainer  # ms-swift's GKD, resuming on the right batch
+
+        return ResumableGKDTrainer
     return seam.stock_trainer_cls(settings.train_args)
 
 

@@ -233,3 +233,7 @@ class ResumableGKDMixin:
         sampler = super()._get_train_sampler(train_dataset)
         self._anchorkd_epoch_sampler = EpochSeededSampler(sampler) if sampler is not None else None
         return self._anchorkd_epoch_sampler
+
+
+class ResumableGKDTrainer(ResumableGKDMixin, seam.gkd_trainer_base()):
+    """ms-swift's own GKD trainer (``custom.trainer_variant: default``) with the same resume fix."""
