@@ -57,6 +57,8 @@ class ResolvedConfig:
     mode: RunMode
     sources: tuple[Path, ...]
     overridden: frozenset[str] = frozenset()
+    # rlhf.seq_kd: train on the teacher's own answers (written before training, never passed to ms-swift).
+    seq_kd: bool = False
 
     @property
     def visual_kd_active(self) -> bool:
@@ -228,7 +230,7 @@ def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str])
         sections = {**sections, "rlhf": {}}
         if custom.trainer_variant == "gkd_monitor":
             custom = custom.model_copy(update={"trainer_variant": "default"})
-    return ResolvedConfig(sections, custom, weight, mode, tuple(sources), overridden)
+    return ResolvedConfig(sections, custom, weight, mode, tuple(sources), overridden, draft.knobs.seq_kd)
 
 
 def _args_cls(rlhf: bool):
@@ -323,6 +325,11 @@ def _check_checkpoints(config: ResolvedConfig) -> None:
         _check_checkpoint("rlhf.teacher_model", rlhf.get("teacher_model"))
         for i, adapter in enumerate(rlhf.get("teacher_adapters", []) or []):
             _check_checkpoint(f"rlhf.teacher_adapters[{i}]", adapter)
+        if config.seq_kd and not is_local_reference(rlhf.get("teacher_model") or ""):
+            raise ConfigError(
+                "rlhf.teacher_model",
+                "seq_kd generates the targets with a local teacher checkpoint: download it and give its folder",
+            )
     _check_resume_checkpoint(config.sections["training"].get("resume_from_checkpoint"))
 
 

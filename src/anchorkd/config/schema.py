@@ -1,4 +1,4 @@
-"""Pydantic models for anchorkd's own configuration: the ``custom`` section and ``rlhf.llm_kd_weight``.
+"""Pydantic models for anchorkd's own configuration: the ``custom`` section and anchorkd's ``rlhf`` keys.
 
 ms-swift's own keys are checked against ms-swift's dataclasses (see ``swift_keys``); everything anchorkd
 adds is declared here with ``extra="forbid"`` and one validator per rule.
@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigError, ConfigErrors
 
@@ -102,6 +110,27 @@ class MonitorConfig(AlertConfig):
     enabled: bool = True
 
 
+class TeacherTargetsConfig(StrictModel):
+    """``custom.teacher_targets``: how the teacher writes the training targets of ``rlhf.seq_kd: true``.
+
+    The length limit is ``rlhf.max_completion_length`` (shared with the student's samples, as in TRL). The
+    temperature is the teacher's own: ``rlhf.temperature`` also divides the logits inside the JSD, so it
+    cannot be 0 (greedy) there.
+    """
+
+    # 0: greedy, the same answer for a row every time (what the cache assumes is worth keeping).
+    temperature: float = 0.0
+    infer_backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    # None: ``teacher_targets`` beside the run's output dir (the parent of ``training.output_dir``).
+    cache_dir: str | None = None
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def temperature_is_non_negative_number(cls, value):
+        return _non_negative_finite_number(value, "teacher_targets.temperature")
+
+
 class CustomConfig(StrictModel):
     """The ``custom`` section: anchorkd's trainer and monitoring knobs."""
 
@@ -111,12 +140,16 @@ class CustomConfig(StrictModel):
     # None: the fused loss's own default (anchorkd.losses.fused.DEFAULT_CHUNK_SIZE), the one default.
     kd_chunk_size: Annotated[int, Field(gt=0)] | None = None
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    teacher_targets: TeacherTargetsConfig = Field(default_factory=TeacherTargetsConfig)
 
 
 class AnchorRlhfKnobs(StrictModel):
     """anchorkd's keys inside the ``rlhf`` section (never passed to ms-swift constructors)."""
 
     llm_kd_weight: float = 1.0
+    # Sequence-level KD: train on the teacher's own answers (``anchorkd.trainers.teacher_targets``).
+    # ms-swift 4.6.0 raises NotImplementedError for its own seq_kd, so it never sees this value.
+    seq_kd: StrictBool = False
 
     @field_validator("llm_kd_weight", mode="before")
     @classmethod
