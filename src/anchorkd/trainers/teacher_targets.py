@@ -127,7 +127,9 @@ class TargetJob:
             teacher=teacher,
             settings=settings,
             batch_size=options.batch_size,
-            cache_dir=default_cache_dir(config) if options.cache_dir is None else Path(options.cache_dir),
+            cache_dir=(default_cache_dir(config) if options.cache_dir is None else Path(options.cache_dir))
+            .expanduser()
+            .resolve(),
             sources=tuple(Path(entry).expanduser().resolve() for entry in sections["data"]["dataset"]),
         )
 
