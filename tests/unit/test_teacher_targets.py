@@ -380,3 +380,11 @@ def test_eval_generate_refuses_a_backend_that_is_not_installed(
     assert code == EXIT_BAD_INPUT
     assert "--infer-backend: vllm is not installed in this environment" in err
     assert not out.exists()
+
+
+def test_validate_checks_a_seq_kd_config_without_generating(tmp_path, config_dict, fake, capsys):
+    code = main(["validate", str(write_config(tmp_path, config_dict))])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "OK (gkd, RLHFArguments)" in out and "seq_kd=on" in out
+    assert fake.loads == [] and not (tmp_path / "runs").exists()
