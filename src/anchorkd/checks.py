@@ -14,13 +14,30 @@ from pathlib import Path
 from .config import ConfigLoader, ResolvedConfig
 
 
+def data_rules(config: ResolvedConfig):
+    """The data rules that apply to this run: row lengths against ``template.max_length`` (counted with
+    the student's tokenizer when it is a local folder) and, for anchorkd's GKD trainer, no OPSD rows."""
+    from .data.validate import DataRules
+
+    template, model = config.sections["template"], config.sections["model"]
+    student = Path(str(model.get("model", ""))).expanduser()
+    return DataRules(
+        max_length=template.get("max_length"),
+        tokenizer_dir=student if (student / "tokenizer.json").is_file() else None,
+        max_pixels=template.get("max_pixels"),
+        truncation_strategy=template.get("truncation_strategy"),
+        refuse_opsd=config.mode == "gkd" and config.custom.trainer_variant == "gkd_monitor",
+    )
+
+
 def check_data(config: ResolvedConfig) -> None:
     from .data.validate import validate_dataset_entry
 
+    rules = data_rules(config)
     data = config.sections["data"]
     for key in ("dataset", "val_dataset"):
         for i, entry in enumerate(data.get(key, []) or []):
-            validate_dataset_entry(entry, key_path=f"data.{key}[{i}]")
+            validate_dataset_entry(entry, key_path=f"data.{key}[{i}]", rules=rules)
 
 
 def check_run(path: str | Path, overrides: Iterable[str] = (), *, teacher: bool = True) -> ResolvedConfig:

@@ -44,6 +44,7 @@ def _cmd_train(ns) -> int:
 
 
 def _cmd_validate(ns) -> int:
+    from .checkpoints import resume_plan
     from .checks import check_run
     from .config import ConfigLoader
 
@@ -56,6 +57,9 @@ def _cmd_validate(ns) -> int:
         f"visual_kd={'on' if anchor.visual_kd_active else 'off'} teacher={anchor.teacher_mode}"
         + (" seq_kd=on" if anchor.seq_kd else "")
     )
+    resume = resume_plan(config)
+    if resume is not None:
+        print(f"  resumes from {resume.checkpoint} (step {resume.step}) into {resume.run_dir}")
     if ns.print:
         print(config.to_yaml())
     return 0
@@ -116,6 +120,9 @@ def _cmd_report(ns) -> int:
     summary = make_telemetry_report(ns.run_dir, ns.out, alert_config=_run_monitor_config(ns.run_dir))
     for path in summary["files"]:
         print(f"wrote {path}")
+    print(f"from {summary['source']}")
+    for path in summary["other_logs"]:
+        print(f"  not included: {path} (another run's log)")
     print(
         f"{summary['records']} log records, last step {summary['last_step']}, {len(summary['alerts'])} alert(s)"
     )

@@ -232,3 +232,43 @@ def replace_progress_callback(trainer: Any, callback_cls: type, replaced_cls: ty
     if any(type(cb) is replaced_cls for cb in trainer.callback_handler.callbacks):
         trainer.remove_callback(replaced_cls)
         trainer.add_callback(callback_cls)
+
+
+def teacher_on_device(trainer: Any):
+    """ms-swift's context that loads an offloaded teacher (``offload_teacher_model``) onto the device for
+    the block and offloads it afterwards; a no-op otherwise."""
+    return trainer.load_teacher_model_context()
+
+
+# --- resume ------------------------------------------------------------------------------------------------
+
+# ms-swift points this link (in the run folder) at a checkpoint once every rank has finished saving it.
+LAST_CHECKPOINT_LINK = "last-checkpoint"
+
+
+def update_last_checkpoint_link(checkpoint: Any) -> None:
+    """Point the run folder's ``last-checkpoint`` at ``checkpoint`` the way ms-swift does (atomic swap)."""
+    from swift.utils import update_last_checkpoint_symlink
+
+    update_last_checkpoint_symlink(str(checkpoint))
+
+
+def restart_generation_buffer(trainer: Any, micro_step: int) -> None:
+    """Put ms-swift's GKD micro-batch counter at ``micro_step`` with no buffer, so the next training
+    ``_prepare_inputs`` builds the buffer holding that micro-batch from the current dataloader batch (the
+    sampler repeats a generation batch ``steps_per_generation`` times)."""
+    trainer._step = micro_step
+    trainer._buffered_inputs = None
+
+
+def sampler_generator(sampler: Any):
+    """The ``torch.Generator`` TRL's ``RepeatSampler`` shuffles with (it has none when not shuffling)."""
+    return getattr(sampler, "generator", None)
+
+
+def sampler_shuffle_seed(sampler: Any) -> int | None:
+    """The seed a shuffling ``RepeatSampler`` seeded its generator with; None when it does not shuffle or
+    was not seeded (its order then cannot be rebuilt)."""
+    if not getattr(sampler, "shuffle", False) or sampler_generator(sampler) is None:
+        return None
+    return getattr(sampler, "seed", None)

@@ -41,7 +41,7 @@ MAX_PIXELS = 16384
 SEED = 0
 
 # Knobs that live on the training arguments rather than on the trainer.
-_ARGS_KNOBS = {"sft_alpha", "gradient_accumulation_steps", "steps_per_generation"}
+_ARGS_KNOBS = {"sft_alpha", "gradient_accumulation_steps", "steps_per_generation", "offload_teacher_model"}
 _ANCHOR_KNOBS = {"llm_kd_weight", "kd_loss_impl", "kd_chunk_size", "visual_kd"}
 
 

@@ -1,8 +1,10 @@
 """Teacher/student compatibility preflight (``anchorkd check`` and the check ``run_training`` makes first).
 
 Each teacher is a clone of the tiny checkpoint (small files copied, the weights symlinked) with one thing
-changed: the chat template, an image-processor setting, a special-token id, or the vocabulary. Every
-change must be reported by name, before any weights are loaded; the CLI exits 2.
+changed: the chat template, an image-processor setting, a special-token id, the vocabulary (two ids
+swapped), or the vocabulary rows of the model (embedding and LM head padded to 152,064, as some
+checkpoints ship them). Every change must be reported by name, before any weights are loaded; the CLI
+exits 2.
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def _change_special_token_id(folder: Path) -> None:
     _edit_json(folder / "tokenizer.json", change)
 
 
+def _pad_vocabulary_rows(folder: Path) -> None:
+    """Pad the embedding and LM head with zero rows to 152,064 and say so in config.json."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        rows, width = weights[name].shape
+        weights[name] = np.concatenate([weights[name], np.zeros((152064 - rows, width), weights[name].dtype)])
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    def change(data):
+        data["text_config"]["vocab_size"] = 152064
+
+    _edit_json(folder / "config.json", change)
+
+
 def _swap_two_vocabulary_ids(folder: Path) -> None:
     def change(data):
         vocab = data["model"]["vocab"]
@@ -92,7 +111,18 @@ CASES = {
         ("tokenizer.json",),
         "special token '<|endoftext|>' id differs",
     ),
-    "vocabulary": (_swap_two_vocabulary_ids, ("tokenizer.json",), "tokenizer vocabulary differs"),
+    "vocabulary": (
+        _swap_two_vocabulary_ids,
+        ("tokenizer.json",),
+        "tokenizer vocabulary differs first at token id 1000 (student 'atus', teacher 'Th')",
+    ),
+    "padded-vocabulary-rows": (
+        _pad_vocabulary_rows,
+        ("model.safetensors",),
+        "LM head rows differ (student 151936, teacher 152064): the KD loss compares the two models' logits "
+        "row by row, so both need the same vocabulary size; input embedding rows differ (student 151936, "
+        "teacher 152064); config vocab_size differs (student 151936, teacher 152064)",
+    ),
 }
 
 
@@ -115,6 +145,7 @@ def test_identical_checkpoints_pass(env, tmp_path, capsys):
         h.STAGE2_GKD_DEMO, [*env.overrides("preflight"), f"rlhf.teacher_model={teacher}"]
     )
     assert preflight.run_preflight(config) == [
+        "LM head / embedding rows and vocab_size",
         "vocabulary",
         "special-token ids",
         "chat template",

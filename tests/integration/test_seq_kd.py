@@ -116,28 +116,38 @@ def test_lmbda_precedence(env, forward_only):
 
 
 def test_answers_are_generated_once_across_epochs_and_resume(env, tmp_path, monkeypatch):
+    """A two-epoch run in ms-swift's versioned run folder, then resumed from its first checkpoint (the
+    resume points the output dir at that run folder): each answer is generated once, in the default cache
+    beside the output dir."""
     counter = GenerationCounter(monkeypatch)
-    cache = tmp_path / "cache"
-    extra = seq_kd_extra(
-        cache, "training.max_steps=-1", "training.num_train_epochs=2", "training.save_total_limit=2"
+    extra = (
+        "rlhf.seq_kd=true",
+        f"rlhf.max_completion_length={MAX_NEW}",
+        "training.max_steps=-1",
+        "training.num_train_epochs=2",
+        "training.save_total_limit=2",
+        "training.add_version=true",
     )
-    output = tmp_path / "run"
+    output = tmp_path / "runs" / "seq_kd"
     overrides = h.run_overrides(
         env.quick_overrides, env.model_dir, env.data_dir, output, steps=3, batch=2, extra=extra
     )
+    cache = tmp_path / "runs" / "teacher_targets"
 
     summary = h.run_training(h.STAGE2_GKD_DEMO, overrides)
+    run_dir = Path(summary["output_dir"])
+    assert run_dir.parent == output  # ms-swift's v<N>-<time> folder
     records = h.step_records(summary["logging_jsonl"])
     assert summary["global_step"] == 6 and records[-1]["epoch"] == pytest.approx(2.0)
     assert counter.prompts == 6  # six rows, two epochs: each answer generated once
     answers = sorted((cache / tt.ROWS_DIR).rglob("*.json"))
     assert len(answers) == 6
-    args = json.loads((output / "args.json").read_text())
+    args = json.loads((run_dir / "args.json").read_text())
     assert [Path(p).parent for p in args["dataset"]] == [cache / tt.DATASETS_DIR]
 
     resumed = h.run_training(
-        h.STAGE2_GKD_DEMO, [*overrides, f"training.resume_from_checkpoint={output / 'checkpoint-3'}"]
+        h.STAGE2_GKD_DEMO, [*overrides, f"training.resume_from_checkpoint={run_dir / 'checkpoint-3'}"]
     )
-    assert resumed["global_step"] == 6
+    assert Path(resumed["output_dir"]) == run_dir and resumed["global_step"] == 6
     assert counter.prompts == 6  # nothing generated again
     assert sorted((cache / tt.ROWS_DIR).rglob("*.json")) == answers

@@ -65,6 +65,10 @@ def test_validate_print_shows_the_resolved_yaml(in_demo_workdir, capsys):
         (["data.dataset=[./outputs/demo/data/missing.jsonl]"], "data.dataset[0]"),
         (["custom.trainer_variant=gkd_monitor"], "custom.trainer_variant"),
         (["novalue"], "'novalue' must look like section.key=value"),
+        (
+            ["training.resume_from_checkpoint=./outputs/demo/runs/stage_2_llm_lora/checkpoint-3"],
+            "training.resume_from_checkpoint (in (command line)): checkpoint not found",
+        ),
     ],
 )
 def test_validate_failure_exits_2_naming_the_key(in_demo_workdir, capsys, overrides, expected):
@@ -148,3 +152,25 @@ def test_make_synthetic_data_quick_writes_the_files(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code == EXIT_BAD_INPUT
     assert "exists and is not empty" in err
+
+
+def test_validate_resume_auto(in_demo_workdir, capsys, tmp_path):
+    """``auto`` with no checkpoint is a fresh run; with one, the run it continues is named."""
+    before = runs_snapshot(in_demo_workdir)
+    auto = ["training.resume_from_checkpoint=auto", f"training.output_dir={tmp_path}"]
+    assert main(["validate", str(DEMO_STAGE_2), *auto]) == 0
+    assert "resumes from" not in capsys.readouterr().out
+    checkpoint = tmp_path / "v0-20260101-000000" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (checkpoint / name).write_bytes(b"x")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    code = main(["validate", str(DEMO_STAGE_2), *auto])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"resumes from {checkpoint} (step 2) into {checkpoint.parent}" in out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["v0-20260101-000000", "checkpoint-2", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt"]
+        + ["rng_state.pth", "trainer_state.json"]
+    )
+    assert runs_snapshot(in_demo_workdir) == before

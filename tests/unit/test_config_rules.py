@@ -251,7 +251,6 @@ def test_visual_kd_needs_a_trainable_vision_path(tmp_path, gkd):
         ("rlhf.teacher_model_server", "http://127.0.0.1:8000", "needs its hidden states"),
         ("rlhf.gkd_logits_topk", 20, "uses the full vocabulary"),
         ("training.use_liger_kernel", True, "turn liger off"),
-        ("rlhf.offload_teacher_model", True, "must stay on the training device"),
     ],
 )
 def test_unsupported_with_gkd_monitor_is_refused_before_loading(tmp_path, gkd, key_path, value, words):
@@ -265,6 +264,31 @@ def test_unsupported_keys_are_fine_with_ms_swifts_own_trainer(tmp_path, gkd):
     gkd["custom"] = {}
     gkd["rlhf"]["gkd_logits_topk"] = 20
     assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+
+
+@pytest.fixture
+def two_cpu_ranks(monkeypatch):
+    from anchorkd.config.rules import LaunchEnvironment
+
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(2, False)))
+
+
+def test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused(tmp_path, gkd, two_cpu_ranks):
+    gkd["training"]["use_cpu"] = False
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "training.use_cpu" and "the ranks would train unsynchronised" in str(error)
+
+
+def test_several_cpu_ranks_get_use_cpu_automatically(tmp_path, gkd, two_cpu_ranks, clean_tb_env):
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    settings = ConfigLoader.build_settings(config, create_output_dir=False)
+    assert settings.train_args.use_cpu is True
+    assert "use_cpu" not in config.sections["training"]  # the config file is left as written
+
+
+def test_one_process_keeps_ms_swifts_device_choice(tmp_path, gkd, clean_tb_env):
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    assert ConfigLoader.build_settings(config, create_output_dir=False).train_args.use_cpu is False
 
 
 def test_every_rule_is_exercised_by_a_test_here():
@@ -284,10 +308,10 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_infer_backend_installed": "test_infer_backend_must_be_installed",
         "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
         "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
+        "rule_cpu_data_parallel_needs_use_cpu": "test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused",
         "rule_no_teacher_server_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_topk_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_liger_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
-        "rule_no_offloaded_teacher_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
     }
     assert {rule.__name__ for rule in RULES} == set(named)
     assert all(f"def {test}(" in source for test in named.values())

@@ -300,3 +300,32 @@ def test_telemetry_report_to_other_dir_without_alerts(tmp_path):
 def test_telemetry_report_missing_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="no logging.jsonl"):
         make_telemetry_report(tmp_path)
+
+
+def test_telemetry_report_says_which_log_it_shows(tmp_path):
+    """A run resumed by plain ms-swift (add_version) left its first part in an older folder."""
+    older = write_log(
+        tmp_path / "output" / "v0-20250101-000000" / "logging.jsonl",
+        [{"loss": 1.0, "global_step/max_steps": f"{s}/4"} for s in (1, 2)],
+    )
+    newer = write_log(
+        tmp_path / "output" / "v1-20250102-000000" / "logging.jsonl",
+        [{"loss": 0.5, "global_step/max_steps": f"{s}/4"} for s in (3, 4)],
+    )
+    os.utime(older, (1, 1))
+    result = make_telemetry_report(tmp_path / "output")
+    assert result["source"] == str(newer)
+    assert result["other_logs"] == [str(older)]
+    markdown = (newer.parent / "telemetry_report.md").read_text()
+    assert f"- shows the source log only; not included (1 other run log(s)): `{older}`" in markdown
+    assert make_telemetry_report(newer)["other_logs"] == []
+
+
+def test_swifts_end_of_run_message_is_not_a_step(tmp_path):
+    records = [{"loss": 1.0, "global_step/max_steps": f"{s}/2"} for s in (1, 2)]
+    records.append({"train_runtime": 3.0, "train_loss": 1.0, "global_step/max_steps": "2/2"})
+    records.append(
+        {"last_model_checkpoint": "x/checkpoint-2", "global_step": 2, "memory": 0, "log_history": []}
+    )
+    parsed = read_logging_jsonl(write_log(tmp_path / "logging.jsonl", records))
+    assert [(r.step, r.split) for r in parsed] == [(1, "train"), (2, "train"), (2, "summary")]

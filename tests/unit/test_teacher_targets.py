@@ -114,7 +114,7 @@ def test_rows_train_on_the_teachers_answer_with_provenance(tmp_path, config_dict
     trained = tt.with_teacher_targets(config, writer=True)
 
     (target,) = trained.sections["data"]["dataset"]
-    assert Path(target).parent == tmp_path / "runs" / tt.CACHE_DIR_NAME / tt.DATASETS_DIR  # default cache dir
+    assert Path(target).parent == tmp_path / "runs" / "teacher_targets" / tt.DATASETS_DIR  # default cache dir
     assert trained.sections["data"]["val_dataset"] == [str(data)]  # evaluation keeps the data set's answers
     assert config.sections["data"]["dataset"] == [str(data)]  # the checked config is left as it was
     sources, targets = rows_of(data), rows_of(target)
@@ -130,7 +130,7 @@ def test_rows_train_on_the_teachers_answer_with_provenance(tmp_path, config_dict
         assert (provenance["source"], provenance["line"]) == (str(data), line)
         assert provenance["teacher"]["model"] == str(tiny_model_dir.resolve())
         assert provenance["teacher"]["fingerprint"] == tt.teacher_fingerprint(
-            tt.TargetJob.from_config(config).teacher, tmp_path / "runs" / tt.CACHE_DIR_NAME
+            tt.TargetJob.from_config(config).teacher, tmp_path / "runs" / "teacher_targets"
         )
         assert provenance["generation"] == {
             "max_new_tokens": MAX_NEW,
@@ -285,6 +285,18 @@ def test_the_teacher_fingerprint_covers_its_files_and_is_memoised(tmp_path, tiny
     (adapter / "adapter_config.json").write_text("{}")
     with_adapter = tt.Teacher(teacher_dir, adapter, "qwen3_vl", None)
     assert tt.teacher_fingerprint(with_adapter, cache) != tt.teacher_fingerprint(teacher, cache)
+
+
+def test_the_default_cache_dir_is_settled_when_the_config_is_resolved(tmp_path, config_dict):
+    """Beside the output dir as written, and recorded in the resolved config: a resume later points
+    training.output_dir at the run's own v<N>-<time> folder, which must not move the cache."""
+    config = resolve(tmp_path, config_dict)
+    assert config.custom.teacher_targets.cache_dir == str(tmp_path / "runs" / "teacher_targets")
+    assert f"cache_dir: {tmp_path / 'runs' / 'teacher_targets'}" in config.to_yaml()
+    del config_dict["training"]["output_dir"]  # ms-swift's default output dir is under output/
+    assert resolve(tmp_path, config_dict).custom.teacher_targets.cache_dir == "output/teacher_targets"
+    config_dict["rlhf"]["seq_kd"] = False
+    assert resolve(tmp_path, config_dict).custom.teacher_targets.cache_dir is None
 
 
 def test_cache_dir_from_the_config(tmp_path, config_dict, fake):

@@ -25,10 +25,11 @@ from typing import Any
 
 import yaml
 
+from ..checkpoints import with_resume
 from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
-from .rules import ConfigDraft, check_rules
-from .schema import AnchorRlhfKnobs, CustomConfig, validate_model
+from .rules import ConfigDraft, LaunchEnvironment, check_rules
+from .schema import AnchorRlhfKnobs, CustomConfig, default_teacher_targets_dir, validate_model
 from .settings import AnchorSettings, RunMode, RunSettings, TeacherMode
 from .yaml_io import (
     apply_overrides,
@@ -105,6 +106,7 @@ class ConfigLoader:
             config = _derive(draft, sources, origins.overridden)
             if check_files:
                 _check_checkpoints(config)
+                config = with_resume(config)
         return config
 
     @classmethod
@@ -132,6 +134,7 @@ class ConfigLoader:
         """Step 5 alone: ms-swift's argument object and the frozen settings for a resolved config."""
         kwargs = config.swift_kwargs()
         _apply_offline_defaults(config, kwargs)
+        _apply_launch_defaults(LaunchEnvironment.detect(), kwargs)
         args_cls = _args_cls(config.mode != "sft")
         if not create_output_dir:
             # ms-swift also exports the log dir (TENSORBOARD_LOGGING_DIR, set only when unset): do not let
@@ -213,7 +216,7 @@ def _draft(raw: dict) -> ConfigDraft:
         "rlhf",
     )
     _check_swift_keys(sections, _args_cls(bool(sections["rlhf"].get("rlhf_type"))))
-    return ConfigDraft(sections, custom, knobs)
+    return ConfigDraft(sections, custom, knobs, LaunchEnvironment.detect())
 
 
 def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str]) -> ResolvedConfig:
@@ -230,6 +233,11 @@ def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str])
         sections = {**sections, "rlhf": {}}
         if custom.trainer_variant == "gkd_monitor":
             custom = custom.model_copy(update={"trainer_variant": "default"})
+    if draft.knobs.seq_kd and custom.teacher_targets.cache_dir is None:
+        # Settled here, from the output dir as written: a resume later points output_dir at a run folder.
+        cache_dir = default_teacher_targets_dir(sections["training"].get("output_dir"))
+        targets = custom.teacher_targets.model_copy(update={"cache_dir": cache_dir})
+        custom = custom.model_copy(update={"teacher_targets": targets})
     return ResolvedConfig(sections, custom, weight, mode, tuple(sources), overridden, draft.knobs.seq_kd)
 
 
@@ -330,22 +338,6 @@ def _check_checkpoints(config: ResolvedConfig) -> None:
                 "rlhf.teacher_model",
                 "seq_kd generates the targets with a local teacher checkpoint: download it and give its folder",
             )
-    _check_resume_checkpoint(config.sections["training"].get("resume_from_checkpoint"))
-
-
-def _check_resume_checkpoint(value: str | None) -> None:
-    if not value:
-        return
-    path = Path(value).expanduser()
-    key_path = "training.resume_from_checkpoint"
-    if not path.is_dir():
-        raise ConfigError(
-            key_path, f"checkpoint folder not found: {path} (give a checkpoint-N folder of a run)"
-        )
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(
-            key_path, f"{path} is not a complete training checkpoint: trainer_state.json is missing"
-        )
 
 
 def uses_only_local_paths(config: ResolvedConfig) -> bool:
@@ -359,6 +351,13 @@ def _apply_offline_defaults(config: ResolvedConfig, kwargs: dict) -> None:
     """Local checkpoints never need the hub: skip ms-swift's "is the local copy latest" hub listing."""
     if uses_only_local_paths(config):
         kwargs.setdefault("check_model", False)
+
+
+def _apply_launch_defaults(launch: LaunchEnvironment, kwargs: dict) -> None:
+    """Under torchrun on a machine without a GPU, transformers runs the ranks in DDP over gloo only with
+    ``use_cpu``; without it each rank trains alone. Engines that shard (DeepSpeed, FSDP) set up their own."""
+    if launch.cpu_data_parallel and not kwargs.get("deepspeed") and not kwargs.get("fsdp"):
+        kwargs.setdefault("use_cpu", True)
 
 
 # --- construction -----------------------------------------------------------------------------------

@@ -20,12 +20,33 @@ from .swift_keys import ANCHORKD_RLHF_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
+class LaunchEnvironment:
+    """Where the run is launched: processes (torchrun's WORLD_SIZE) and whether a GPU is there."""
+
+    world_size: int = 1
+    has_accelerator: bool = True
+
+    @classmethod
+    def detect(cls) -> LaunchEnvironment:
+        import os
+
+        import torch
+
+        return cls(int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available())
+
+    @property
+    def cpu_data_parallel(self) -> bool:
+        return self.world_size > 1 and not self.has_accelerator
+
+
+@dataclasses.dataclass(frozen=True)
 class ConfigDraft:
     """The config as written (sections, anchorkd's validated knobs), before the run mode is derived."""
 
     sections: dict[str, dict]
     custom: CustomConfig
     knobs: AnchorRlhfKnobs
+    launch: LaunchEnvironment = LaunchEnvironment()
 
     @property
     def rlhf(self) -> dict:
@@ -263,6 +284,20 @@ def rule_infer_backend_installed(draft: ConfigDraft) -> None:
         )
 
 
+# --- processes and devices ----------------------------------------------------------------------------
+
+
+def rule_cpu_data_parallel_needs_use_cpu(draft: ConfigDraft) -> None:
+    """Several processes without a GPU train in DDP over gloo only with ``use_cpu``; anchorkd sets it, so
+    only an explicit ``false`` is refused: the ranks would each train alone, their weights drifting apart."""
+    if draft.launch.cpu_data_parallel and draft.sections["training"].get("use_cpu") is False:
+        raise ConfigError(
+            "training.use_cpu",
+            f"is false, but {draft.launch.world_size} processes run on a machine without a GPU: the ranks "
+            "would train unsynchronised. Remove the key (anchorkd sets use_cpu: true there) or set it true",
+        )
+
+
 # --- what anchorkd's GKD trainer does not support ------------------------------------------------------
 
 
@@ -293,14 +328,6 @@ def rule_no_liger_with_gkd_monitor(draft: ConfigDraft) -> None:
     )
 
 
-def rule_no_offloaded_teacher_with_gkd_monitor(draft: ConfigDraft) -> None:
-    _refuse_with_gkd_monitor(
-        draft,
-        "rlhf.offload_teacher_model",
-        "not supported by gkd_monitor: the teacher must stay on the training device",
-    )
-
-
 RULES: tuple[Rule, ...] = (
     rule_numeric_ranges,
     rule_rlhf_keys_need_rlhf_type,
@@ -316,10 +343,10 @@ RULES: tuple[Rule, ...] = (
     rule_infer_backend_installed,
     rule_teacher_required_for_kd,
     rule_visual_kd_needs_trainable_vision,
+    rule_cpu_data_parallel_needs_use_cpu,
     rule_no_teacher_server_with_gkd_monitor,
     rule_no_topk_with_gkd_monitor,
     rule_no_liger_with_gkd_monitor,
-    rule_no_offloaded_teacher_with_gkd_monitor,
 )
 
 

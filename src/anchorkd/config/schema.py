@@ -7,6 +7,7 @@ adds is declared here with ``extra="forbid"`` and one validator per rule.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -122,13 +123,21 @@ class TeacherTargetsConfig(StrictModel):
     temperature: float = 0.0
     infer_backend: Literal["transformers", "vllm"] = "transformers"
     batch_size: Annotated[int, Field(gt=0)] = 8
-    # None: ``teacher_targets`` beside the run's output dir (the parent of ``training.output_dir``).
+    # None: default_teacher_targets_dir(training.output_dir), filled in when the config is resolved.
     cache_dir: str | None = None
 
     @field_validator("temperature", mode="before")
     @classmethod
     def temperature_is_non_negative_number(cls, value):
         return _non_negative_finite_number(value, "teacher_targets.temperature")
+
+
+def default_teacher_targets_dir(output_dir: str | None) -> str:
+    """``teacher_targets`` in the parent of ``training.output_dir`` as written, so that runs under one output
+    root share it; taken before a resume points the output dir at a run's ``v<N>-<time>`` folder. ms-swift's
+    own default output dir is under ``output``."""
+    root = Path(output_dir).expanduser().parent if output_dir else Path("output")
+    return str(root / "teacher_targets")
 
 
 class CustomConfig(StrictModel):

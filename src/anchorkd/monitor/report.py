@@ -15,7 +15,9 @@ accuracy against the step (train and eval series in one subplot per term), repla
   a record with none of them gets the previous training step + 1 (an eval record: the previous step);
 * ``epoch``, ``percentage``, timings and other strings are bookkeeping, not series;
 * the end-of-training record (with ``train_runtime``) is a run summary, not a step, because its
-  ``train_loss`` is the run average and would plot as a bogus last point.
+  ``train_loss`` is the run average and would plot as a bogus last point;
+* ms-swift's end-of-run message (with ``last_model_checkpoint`` and a copy of ``log_history``) is skipped:
+  its numbers repeat the steps' records.
 
 A line that is not a JSON object raises :class:`~anchorkd.errors.TelemetryFormatError` naming
 ``file:line``.
@@ -40,6 +42,9 @@ EVAL_PREFIXES = ("eval_", "eval/")
 STEP_KEY = "global_step/max_steps"
 BOOKKEEPING_KEYS = frozenset({STEP_KEY, "global_step", "step", "epoch"})
 SUMMARY_MARKER = "train_runtime"
+RUN_MESSAGE_MARKER = "last_model_checkpoint"
+# Records that end a training call rather than log a step.
+RUN_END_MARKERS = (SUMMARY_MARKER, RUN_MESSAGE_MARKER)
 METRIC_ALIASES = {"token_acc": "token_accuracy"}
 # Plot order: the terms that make up the KL-anchored objective first, then any other loss, then accuracy.
 PREFERRED_TERM_ORDER = ("loss", "sft_loss", "llm_kd_loss", "vision_kd_loss")
@@ -60,8 +65,9 @@ class TelemetryRecord:
     max_steps: int | None = None
 
 
-def _parse_step(raw: Mapping[str, Any], path: Path, line: int) -> tuple[int | None, int | None]:
-    """(step, max_steps) from a raw record, or (None, None) when it carries no step."""
+def parse_step(raw: Mapping[str, Any], path: Path, line: int) -> tuple[int | None, int | None]:
+    """(step, max_steps) from a raw ``logging.jsonl`` record, or (None, None) when it carries no step;
+    :class:`TelemetryFormatError` (``path:line``) for a step that cannot be read."""
     if STEP_KEY in raw:
         text = str(raw[STEP_KEY])
         current, _, total = text.partition("/")
@@ -118,7 +124,9 @@ def read_logging_jsonl(path: str | Path) -> list[TelemetryRecord]:
             raise TelemetryFormatError(
                 str(path), f"expected a JSON object, got {type(raw).__name__}", line_number
             )
-        step, max_steps = _parse_step(raw, path, line_number)
+        if RUN_MESSAGE_MARKER in raw:
+            continue
+        step, max_steps = parse_step(raw, path, line_number)
         for split, metrics in _split_record(raw).items():
             implied_step = last_step + 1 if split == "train" else last_step
             record_step = step if step is not None else implied_step
@@ -140,6 +148,16 @@ def find_logging_jsonl(run_dir: str | Path) -> Path:
     if not candidates:
         raise FileNotFoundError(f"no {LOGGING_FILE} in {run_dir}")
     return candidates[-1]
+
+
+def other_logging_jsonl(run_dir: str | Path, shown: Path) -> list[Path]:
+    """The ``logging.jsonl`` files under ``run_dir`` other than ``shown``: other runs (or parts of a run that
+    ms-swift's ``add_version`` put in a new ``v<N>-<time>`` folder when it was resumed), which a report of
+    ``shown`` does not include."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.rglob(LOGGING_FILE) if p.resolve() != shown.resolve())
 
 
 def _is_plotted_term(name: str) -> bool:
@@ -254,6 +272,7 @@ def _render_markdown(
     term_rows: Sequence[Mapping[str, Any]],
     alerts: Sequence[Alert],
     figure_path: Path | None,
+    others: Sequence[Path] = (),
 ) -> str:
     train_records = [r for r in records if r.split == "train"]
     eval_records = [r for r in records if r.split == "eval"]
@@ -264,6 +283,11 @@ def _render_markdown(
         "",
         f"- source: `{source}`",
         f"- records: {len(train_records)} train, {len(eval_records)} eval; last step {progress}",
+    ]
+    if others:
+        listed = ", ".join(f"`{path}`" for path in others)
+        lines.append(f"- shows the source log only; not included ({len(others)} other run log(s)): {listed}")
+    lines += [
         "",
         "## Loss terms and token accuracy",
         "",
@@ -308,7 +332,7 @@ def make_telemetry_report(
 
     ``run_dir`` is an ms-swift output directory (or the ``logging.jsonl`` itself); files go to
     ``out_dir`` (default: the directory holding ``logging.jsonl``). Returns a plain-data summary:
-    ``{source, records, last_step, max_steps, terms: [per-term first/last/min/max/last_eval],
+    ``{source, other_logs, records, last_step, max_steps, terms: [per-term first/last/min/max/last_eval],
     alerts: [Alert.to_dict()], files: [paths written]}`` (a non-finite alert's value is NaN/inf).
     """
     source = find_logging_jsonl(run_dir)
@@ -324,11 +348,13 @@ def make_telemetry_report(
         figure_path = save_figure(_telemetry_figure(records, terms, alerts, title), out_dir / "telemetry.png")
         files.append(figure_path)
     term_rows = _term_rows(records, terms)
-    markdown = _render_markdown(title, source, records, term_rows, alerts, figure_path)
+    others = other_logging_jsonl(run_dir, source)
+    markdown = _render_markdown(title, source, records, term_rows, alerts, figure_path, others)
     files.insert(0, atomic_write_text(out_dir / "telemetry_report.md", markdown))
     last_step, max_steps = _progress(records)
     return {
         "source": str(source),
+        "other_logs": [str(path) for path in others],
         "records": len(records),
         "last_step": last_step,
         "max_steps": max_steps,

@@ -39,10 +39,13 @@ from .features import (
     lm_head_weight,
     visual_targets,
 )
+from .resume import ResumableGKDMixin
+from .sharding import ddp_loss_scale, gathered_params, global_window_tokens
 
 logger = logging.getLogger("anchorkd")
 
 BODY = "body"
+TEACHER_HEAD = "teacher_lm_head"
 _WINDOW_TOKENS = "anchorkd_window_tokens"
 _WINDOW_VISUAL_TOKENS = "anchorkd_window_visual_tokens"
 
@@ -67,7 +70,7 @@ def visual_tokens(model_inputs: dict, merge_size: int) -> int:
     return total
 
 
-class GKDTrainerWithMetrics(seam.gkd_trainer_base()):
+class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
     """Subclass of ms-swift's ``GKDTrainer`` (no ms-swift file is changed).
 
     ``anchor_settings`` (``RunSettings.anchor``) carries every anchorkd knob; the pipeline passes it.
@@ -146,17 +149,22 @@ class GKDTrainerWithMetrics(seam.gkd_trainer_base()):
         accumulation = self.args.gradient_accumulation_steps
         if len(buffer) % accumulation == 0:
             for start in range(0, len(buffer), accumulation):
-                self._annotate_window(buffer[start : start + accumulation])
+                self._annotate_window(buffer[start : start + accumulation], across_ranks=True)
             return
         # The generation buffer does not line up with optimizer steps: fall back to per-micro-batch
         # means averaged over the window (what stock GKD does).
         for batch in buffer:
-            self._annotate_window([batch], scale=accumulation)
+            self._annotate_window([batch], scale=accumulation, across_ranks=True)
 
-    def _annotate_window(self, window: list[dict], scale: int = 1) -> None:
+    def _annotate_window(self, window: list[dict], scale: int = 1, across_ranks: bool = False) -> None:
+        """Token counts of the accumulation window that every token term is divided by. Training windows
+        count every rank's tokens (one all-reduce), and ``compute_loss`` multiplies by the number of ranks:
+        after the engine averages gradients over ranks, 2 ranks x batch 2 train exactly as 1 x batch 4."""
         merge = self._spatial_merge_size()
         tokens = sum(supervised_tokens(b[seam.MODEL_INPUTS]) for b in window) * scale
         vis_tokens = sum(visual_tokens(b[seam.MODEL_INPUTS], merge) for b in window) * scale
+        if across_ranks:
+            tokens, vis_tokens = global_window_tokens([tokens, vis_tokens], self.accelerator.device)
         for batch in window:
             batch[_WINDOW_TOKENS] = tokens
             batch[_WINDOW_VISUAL_TOKENS] = vis_tokens
@@ -209,6 +217,8 @@ class GKDTrainerWithMetrics(seam.gkd_trainer_base()):
             )
         self._capture.clear()
         self._record(mode, micro_metrics, micro_tokens, window_tokens, correct)
+        if self.model.training:
+            loss = loss * ddp_loss_scale()
         if return_outputs:
             return loss, outputs
         return loss
@@ -233,15 +243,22 @@ class GKDTrainerWithMetrics(seam.gkd_trainer_base()):
         """Teacher pass under no autograd. Returns captured features (and ``logits`` when not fused).
 
         The LM-head branch needs the teacher's language body; visual-only KD needs just the teacher's
-        vision tower, so that is all that runs then.
+        vision tower, so that is all that runs then. An offloaded teacher (``rlhf.offload_teacher_model``)
+        is on the device only inside this pass; the fused loss then gets a device copy of its LM head
+        (``TEACHER_HEAD``), read inside the pass, which lives until the loss's backward is done.
         """
         if self.teacher_model is not None:
             teacher, adapter_off = self.teacher_model, contextlib.nullcontext()
         else:  # base anchor: the student's own weights with the LoRA adapter switched off
             teacher = model
             adapter_off = self.accelerator.unwrap_model(model).disable_adapter()
+        offloaded = self.teacher_model is not None and self.args.offload_teacher_model
+        head = None
         with (
-            torch.inference_mode(),  # no autograd state is kept for the teacher, in either mode
+            seam.teacher_on_device(self),
+            # no_grad, not inference_mode: ZeRO-3 / FSDP gather parameter storage inside this forward,
+            # and inference tensors would break their gradient hooks later.
+            torch.no_grad(),
             adapter_off,
             seam.disable_gradient_checkpointing(teacher, self.args.gradient_checkpointing_kwargs),
             self._capture.role(TEACHER) as captured,
@@ -250,10 +267,19 @@ class GKDTrainerWithMetrics(seam.gkd_trainer_base()):
                 outputs = teacher(**teacher_inputs, **({"logits_to_keep": 1} if fused else {}))
                 if not fused:
                     captured["logits"] = outputs.logits
+                elif offloaded:
+                    head = self._teacher_head_copy()
             else:
                 self._teacher_vision_forward(teacher, teacher_inputs)
-        # Tensors made under inference mode cannot enter autograd later: keep plain copies.
-        return {name: value.clone() for name, value in captured.items()}
+        features = dict(captured)
+        if head is not None:
+            features[TEACHER_HEAD] = head
+        return features
+
+    def _teacher_head_copy(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = lm_head_weight(find_lm_head(self.accelerator.unwrap_model(self.teacher_model)))
+        with gathered_params([weight, bias]) as (full_weight, full_bias):
+            return full_weight.detach().clone(), None if full_bias is None else full_bias.detach().clone()
 
     def _teacher_vision_forward(self, teacher, teacher_inputs: dict) -> None:
         body = find_language_body(self.accelerator.unwrap_model(teacher))
@@ -268,25 +294,31 @@ class GKDTrainerWithMetrics(seam.gkd_trainer_base()):
         student_model = self.accelerator.unwrap_model(model)
         weight, bias = lm_head_weight(find_lm_head(student_model))
         teacher_weight = teacher_bias = None
-        if lm_kd:
+        if lm_kd and TEACHER_HEAD in teacher_features:  # offloaded teacher: the copy made on the device
+            teacher_weight, teacher_bias = teacher_features[TEACHER_HEAD]
+        elif lm_kd:
             teacher_model = self.teacher_model if self.teacher_model is not None else student_model
             teacher_head = find_lm_head(self.accelerator.unwrap_model(teacher_model))
             teacher_weight, teacher_bias = lm_head_weight(teacher_head, use_base=self.teacher_model is None)
-        result = fused_ce_jsd(
-            student_features[BODY],
-            weight,
-            labels,
-            teacher_features.get(BODY) if lm_kd else None,
-            teacher_weight,
-            beta=self.beta,
-            temperature=self.temperature,
-            **({"chunk_size": self.anchor.kd_chunk_size} if self.anchor.kd_chunk_size else {}),
-            num_items=window_tokens,
-            compute_ce=True,
-            compute_jsd=lm_kd,
-            student_lm_head_bias=bias,
-            teacher_lm_head_bias=teacher_bias,
-        )
+        # Under ZeRO-3 / FSDP full-shard the heads hold only a shard after the forward: gather them for
+        # the loss (a gradient still reaches the student's shard when its head trains).
+        with gathered_params([weight, bias, teacher_weight, teacher_bias]) as heads:
+            weight, bias, teacher_weight, teacher_bias = heads
+            result = fused_ce_jsd(
+                student_features[BODY],
+                weight,
+                labels,
+                teacher_features.get(BODY) if lm_kd else None,
+                teacher_weight,
+                beta=self.beta,
+                temperature=self.temperature,
+                **({"chunk_size": self.anchor.kd_chunk_size} if self.anchor.kd_chunk_size else {}),
+                num_items=window_tokens,
+                compute_ce=True,
+                compute_jsd=lm_kd,
+                student_lm_head_bias=bias,
+                teacher_lm_head_bias=teacher_bias,
+            )
         return result.ce, result.jsd, int(result.correct_tokens)
 
     def _reference_terms(self, outputs, teacher_features, labels, window_tokens, lm_kd):

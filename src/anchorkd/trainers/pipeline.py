@@ -110,13 +110,18 @@ def settings_for_run(config: ResolvedConfig, *, writer: bool | None = None) -> R
 
 def run_training(config_path: str | Path, overrides=()) -> dict:
     """Check ``config_path`` completely, write the resolved config, train, and return a summary."""
+    from ..checkpoints import resume_plan
     from ..checks import check_run
     from ..config import ConfigLoader
+    from .resume import prepare_run_dir
 
     config = check_run(config_path, overrides)  # every rule, data line and checkpoint: before any write
+    resume = resume_plan(config)
     settings = settings_for_run(config)
     output_dir = settings.output_dir
     if _is_writer_rank():
+        if resume is not None:
+            prepare_run_dir(resume)
         ConfigLoader.write_resolved(config, output_dir)
     pipeline = build_pipeline(settings)
     result = pipeline.main()

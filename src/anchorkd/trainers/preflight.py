@@ -2,8 +2,9 @@
 
 Logit-level KD compares the two models token by token, so both must read the same token ids the same
 way: identical vocabulary, special-token ids, chat template and image preprocessing (a different pixel
-budget changes how many visual tokens each model sees, which shifts every position after the image).
-A mismatch found after an hour of training is an hour lost; here it costs a second.
+budget changes how many visual tokens each model sees, which shifts every position after the image),
+and logits over the same number of rows (a teacher whose LM head is padded to another size fails at the
+first step). A mismatch found after an hour of training is an hour lost; here it costs a second.
 """
 
 from __future__ import annotations
@@ -40,13 +41,25 @@ class ProcessorFingerprint:
     special_tokens: dict[str, int]
     chat_template_sha256: str | None
     image_processor: dict
+    tokens_by_id: tuple[str | None, ...] = ()  # the vocabulary, indexed by token id
 
     def differences(self, other: ProcessorFingerprint) -> list[str]:
         found = []
-        if self.vocab_size != other.vocab_size or self.vocab_sha256 != other.vocab_sha256:
+        if self.vocab_size != other.vocab_size:
             found.append(
-                f"tokenizer vocabulary differs (student {self.vocab_size} tokens, teacher {other.vocab_size})"
+                "tokenizer vocabulary size differs "
+                f"(student {self.vocab_size} tokens, teacher {other.vocab_size})"
             )
+        if self.vocab_sha256 != other.vocab_sha256:
+            first = first_differing_token(self.tokens_by_id, other.tokens_by_id)
+            if first is not None:
+                token_id, mine, theirs = first
+                found.append(
+                    f"tokenizer vocabulary differs first at token id {token_id} "
+                    f"(student {mine!r}, teacher {theirs!r})"
+                )
+            elif self.vocab_size == other.vocab_size:
+                found.append("tokenizer vocabulary differs")
         for name in sorted(set(self.special_tokens) | set(other.special_tokens)):
             mine, theirs = self.special_tokens.get(name), other.special_tokens.get(name)
             if mine != theirs:
@@ -60,6 +73,85 @@ class ProcessorFingerprint:
         return found
 
 
+def first_differing_token(
+    mine: tuple[str | None, ...], theirs: tuple[str | None, ...]
+) -> tuple[int, str | None, str | None] | None:
+    """The lowest token id the two vocabularies map differently (None where an id has no token)."""
+    for token_id in range(max(len(mine), len(theirs))):
+        a = mine[token_id] if token_id < len(mine) else None
+        b = theirs[token_id] if token_id < len(theirs) else None
+        if a != b:
+            return token_id, a, b
+    return None
+
+
+SAME_ROWS_REASON = (
+    "the KD loss compares the two models' logits row by row, so both need the same vocabulary size"
+)
+
+
+@dataclass(frozen=True)
+class VocabShapes:
+    """How many vocabulary rows a checkpoint's model has: ``vocab_size`` from config.json (its
+    ``text_config`` for vision-language models) and the rows of the input embedding and the LM head from
+    the safetensors headers (None where a file or tensor is missing)."""
+
+    config_vocab_size: int | None
+    embedding_rows: int | None
+    lm_head_rows: int | None
+
+    def differences(self, other: VocabShapes) -> list[str]:
+        found = []
+        for label, mine, theirs in (
+            ("LM head rows differ", self.lm_head_rows, other.lm_head_rows),
+            ("input embedding rows differ", self.embedding_rows, other.embedding_rows),
+            ("config vocab_size differs", self.config_vocab_size, other.config_vocab_size),
+        ):
+            if mine is not None and theirs is not None and mine != theirs:
+                found.append(f"{label} (student {mine}, teacher {theirs})")
+        if found:
+            found[0] += f": {SAME_ROWS_REASON}"
+        return found
+
+
+def vocab_shapes(checkpoint: str | Path) -> VocabShapes:
+    """Read the vocabulary sizes of a checkpoint folder from config.json and the safetensors headers
+    (tensor shapes only; no weights are read)."""
+    folder = Path(checkpoint)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    text = config.get("text_config") or {}
+    vocab_size = text.get("vocab_size", config.get("vocab_size"))
+    shapes = _safetensors_shapes(folder)
+    embedding = _rows(shapes, lambda name: name.endswith("embed_tokens.weight") and "visual" not in name)
+    lm_head = _rows(shapes, lambda name: name.endswith("lm_head.weight"))
+    if lm_head is None and shapes:
+        lm_head = embedding  # tied: the LM head is the input embedding
+    return VocabShapes(vocab_size, embedding, lm_head)
+
+
+def _rows(shapes: dict[str, list[int]], wanted) -> int | None:
+    names = sorted(name for name in shapes if wanted(name))
+    return shapes[names[0]][0] if names else None
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape for every tensor of the checkpoint's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [path.name for path in sorted(folder.glob("*.safetensors"))]
+    shapes = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="numpy") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shapes[key] = list(handle.get_slice(key).get_shape())
+    return shapes
+
+
 def fingerprint(checkpoint: str | Path) -> ProcessorFingerprint:
     """Fingerprint a checkpoint folder from its tokenizer and processor files."""
     from transformers import AutoTokenizer
@@ -68,6 +160,9 @@ def fingerprint(checkpoint: str | Path) -> ProcessorFingerprint:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     vocab = tokenizer.get_vocab()
     vocab_bytes = json.dumps(sorted(vocab.items(), key=lambda item: item[1])).encode()
+    tokens_by_id: list[str | None] = [None] * (max(vocab.values()) + 1 if vocab else 0)
+    for token, token_id in vocab.items():
+        tokens_by_id[token_id] = token
     special = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
     template = _chat_template(folder, tokenizer)
     return ProcessorFingerprint(
@@ -76,6 +171,7 @@ def fingerprint(checkpoint: str | Path) -> ProcessorFingerprint:
         special_tokens=special,
         chat_template_sha256=sha256_bytes(template.encode()) if template else None,
         image_processor=_image_processor_settings(folder),
+        tokens_by_id=tuple(tokens_by_id),
     )
 
 
@@ -115,10 +211,17 @@ def run_preflight(config) -> list[str]:
         return ["teacher is the student's own base checkpoint: processors identical by construction"]
     if not (Path(student).is_dir() and Path(teacher).is_dir()):
         return ["hub checkpoints: compatibility not checked locally"]
-    differences = fingerprint(student).differences(fingerprint(teacher))
+    differences = vocab_shapes(student).differences(vocab_shapes(teacher))
+    differences += fingerprint(student).differences(fingerprint(teacher))
     if differences:
         raise ConfigError(
             "rlhf.teacher_model",
             f"teacher {teacher} is not compatible with student {student}: " + "; ".join(differences),
         )
-    return ["vocabulary", "special-token ids", "chat template", "image-processor settings"]
+    return [
+        "LM head / embedding rows and vocab_size",
+        "vocabulary",
+        "special-token ids",
+        "chat template",
+        "image-processor settings",
+    ]

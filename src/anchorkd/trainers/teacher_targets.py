@@ -8,8 +8,8 @@ template settings), and the answer replaces the row's final assistant turn in a 
 the run trains on. CE and the JSD positions then come from the teacher's sequence; with ``lmbda > 0``
 ms-swift's GKD still trains on student samples with probability ``lmbda`` (TRL's precedence).
 
-The cache (``custom.teacher_targets.cache_dir``, default ``teacher_targets`` beside the run's output
-dir) keeps every answer, so none is generated twice across epochs, ranks, resumed runs or runs that
+The cache (``custom.teacher_targets.cache_dir``, default ``teacher_targets`` in the parent of the
+output dir as written: ``config.schema.default_teacher_targets_dir``) keeps every answer, so none is generated twice across epochs, ranks, resumed runs or runs that
 share prompts::
 
     rows/ab/<key>.json          one answer: text, finish_reason, generated_tokens
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.loader import ResolvedConfig
+from ..config.schema import default_teacher_targets_dir
 from ..errors import DataError
 from ..eval.generate import EvalSample, decoding_config, generate_responses, sample_from_record
 from ..eval.model import DEFAULT_MODEL_TYPE, TORCH_DTYPES, PromptSettings, load_model
@@ -42,7 +43,6 @@ from ..io import atomic_write_json, iter_jsonl, read_json_object, sha256_bytes, 
 
 logger = logging.getLogger("anchorkd")
 
-CACHE_DIR_NAME = "teacher_targets"
 PROVENANCE_KEY = "teacher_target"
 ROWS_DIR = "rows"
 DATASETS_DIR = "datasets"
@@ -104,6 +104,7 @@ class TargetJob:
         """The job of a resolved seq_kd config (its rules have checked every value used here)."""
         sections = config.sections
         model, rlhf, template = sections["model"], sections["rlhf"], sections["template"]
+        training = sections["training"]
         options = config.custom.teacher_targets
         adapters = rlhf.get("teacher_adapters") or []
         dtype = model.get("torch_dtype")
@@ -127,7 +128,7 @@ class TargetJob:
             teacher=teacher,
             settings=settings,
             batch_size=options.batch_size,
-            cache_dir=(default_cache_dir(config) if options.cache_dir is None else Path(options.cache_dir))
+            cache_dir=Path(options.cache_dir or default_teacher_targets_dir(training.get("output_dir")))
             .expanduser()
             .resolve(),
             sources=tuple(Path(entry).expanduser().resolve() for entry in sections["data"]["dataset"]),
@@ -144,12 +145,6 @@ class TargetStats:
     truncated: int = 0
     files_reused: int = 0
     seconds_generating: float = 0.0
-
-
-def default_cache_dir(config: ResolvedConfig) -> Path:
-    """``teacher_targets`` beside the run's output dir (ms-swift's own default output dir is under ``output``)."""
-    output_dir = config.sections["training"].get("output_dir")
-    return (Path(output_dir).expanduser().parent if output_dir else Path("output")) / CACHE_DIR_NAME
 
 
 def _swift_default_max_completion_length() -> int:

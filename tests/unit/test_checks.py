@@ -1,0 +1,73 @@
+"""``anchorkd.checks.check_run`` applies the data rules that follow from the config: row lengths against
+``template.max_length`` with the student's tokenizer, and no OPSD rows for anchorkd's GKD trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anchorkd.checks import check_run, data_rules
+from anchorkd.cli import EXIT_BAD_INPUT, main
+from anchorkd.config import ConfigLoader, DataError
+
+ROW = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}
+LONG = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+
+
+def write(folder: Path, name: str, rows: list[dict]) -> Path:
+    path = folder / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def config_file(folder: Path, tiny_model_dir: Path, dataset: Path, gkd: bool, **template) -> Path:
+    config = {
+        "model": {"model": str(tiny_model_dir), "model_type": "qwen3_vl"},
+        "data": {"dataset": [str(dataset)]},
+        "template": {"max_length": 64, **template},
+        "tuner": {"tuner_type": "lora"},
+        "training": {"output_dir": str(folder / "out")},
+    }
+    if gkd:
+        config["rlhf"] = {"rlhf_type": "gkd", "teacher_model": str(tiny_model_dir), "llm_kd_weight": 0.5}
+        config["custom"] = {"trainer_variant": "gkd_monitor"}
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_rows_longer_than_max_length_are_refused_with_count_and_first_line(tmp_path, tiny_model_dir):
+    data = write(tmp_path, "train.jsonl", [ROW, LONG, ROW, LONG])
+    with pytest.raises(DataError) as info:
+        check_run(config_file(tmp_path, tiny_model_dir, data, gkd=False))
+    assert f"{data}:2: 2 row(s) longer than template.max_length (64 tokens)" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncation_instead_of_dropping_lets_long_rows_through(tmp_path, tiny_model_dir):
+    data = write(tmp_path, "train.jsonl", [ROW, LONG])
+    config = check_run(
+        config_file(tmp_path, tiny_model_dir, data, gkd=False, truncation_strategy="left"), teacher=False
+    )
+    assert data_rules(config).truncation_strategy == "left"
+
+
+def test_opsd_rows_are_refused_for_gkd_monitor_only(tmp_path, tiny_model_dir):
+    opsd = {**ROW, "teacher_prompt": "a different prompt"}
+    data = write(tmp_path, "train.jsonl", [ROW, opsd])
+    with pytest.raises(DataError, match=f"{data}:2"):
+        check_run(config_file(tmp_path, tiny_model_dir, data, gkd=True))
+    sft = ConfigLoader.resolve(config_file(tmp_path, tiny_model_dir, data, gkd=False))
+    assert data_rules(sft).refuse_opsd is False
+
+
+def test_cli_validate_reports_a_data_rule_and_exits_2(tmp_path, tiny_model_dir, capsys):
+    data = write(tmp_path, "train.jsonl", [LONG])
+    status = main(["validate", str(config_file(tmp_path, tiny_model_dir, data, gkd=False))])
+    err = capsys.readouterr().err
+    assert status == EXIT_BAD_INPUT
+    assert err.startswith(f"anchorkd: error: {data}:1: 1 row(s) longer than template.max_length")
+    assert "Traceback" not in err
