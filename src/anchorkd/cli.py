@@ -55,12 +55,29 @@ def _cmd_validate(ns) -> int:
     print(
         f"  trainer_variant={anchor.trainer_variant} llm_kd_weight={anchor.llm_kd_weight} "
         f"visual_kd={'on' if anchor.visual_kd_active else 'off'} teacher={anchor.teacher_mode}"
+        + (" seq_kd=on" if anchor.seq_kd else "")
     )
     resume = resume_plan(config)
     if resume is not None:
         print(f"  resumes from {resume.checkpoint} (step {resume.step}) into {resume.run_dir}")
     if ns.print:
         print(config.to_yaml())
+    return 0
+
+
+def _cmd_teacher_targets(ns) -> int:
+    from .checks import check_run
+    from .trainers.teacher_targets import export_teacher_targets
+
+    # The data step of this config's seq_kd run: the same rules, teacher, settings and cache.
+    config = check_run(ns.config, [*ns.overrides, "rlhf.seq_kd=true"], teacher=False)
+    rows, stats = export_teacher_targets(config, ns.out)
+    print(
+        f"anchorkd: {rows} teacher answers in {ns.out} ({stats.generated} generated, "
+        f"{stats.cached} from the cache, {stats.files_reused} data file(s) reused whole)"
+    )
+    if stats.truncated:
+        print(f"anchorkd: {stats.truncated} answers stopped at rlhf.max_completion_length")
     return 0
 
 
@@ -194,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config_command("validate", "check a config (and its data) without training", _cmd_validate)
     validate.add_argument("--print", action="store_true", help="print the resolved config")
     config_command("check", "teacher/student compatibility preflight", _cmd_check)
+    targets = config_command(
+        "teacher-targets",
+        "write the teacher's answers to the config's data.dataset rows (the data of seq_kd) to a JSONL",
+        _cmd_teacher_targets,
+        positional=False,
+    )
+    targets.add_argument("--out", required=True, help="ms-swift JSONL to write (rows with provenance)")
 
     tiny = sub.add_parser("make-tiny-model", help="build the embedded tiny Qwen3-VL checkpoint")
     tiny.add_argument("out")

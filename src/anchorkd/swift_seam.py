@@ -159,6 +159,42 @@ def disable_gradient_checkpointing(model: Any, gradient_checkpointing_kwargs: di
     return swift_disable(model, gradient_checkpointing_kwargs)
 
 
+# --- inference engines (evaluation and teacher targets) ---------------------------------------------------
+
+# ms-swift's engine per backend name; ms-swift 3's name ``pt`` is 4.x's ``transformers``.
+INFER_BACKENDS = ("transformers", "vllm")
+# The Python package each backend needs beyond ms-swift itself.
+_BACKEND_PACKAGES = {"transformers": "transformers", "vllm": "vllm"}
+
+
+def infer_backend_installed(backend: str) -> bool:
+    """Whether ``backend``'s package can be imported here (checked without importing it)."""
+    import importlib.util
+
+    package = _BACKEND_PACKAGES.get(backend)
+    return package is not None and importlib.util.find_spec(package) is not None
+
+
+def infer_engine(backend: str, model_dir: str, **kwargs: Any) -> Any:
+    """ms-swift's inference engine for ``backend`` on a local checkpoint (``kwargs`` go to its constructor)."""
+    if backend == "vllm":
+        from swift.infer_engine import VllmEngine
+
+        return VllmEngine(model_dir, **kwargs)
+    from swift.infer_engine import TransformersEngine
+
+    return TransformersEngine(model_dir, max_batch_size=0, **kwargs)  # 0: the caller hands over batches
+
+
+def configure_template(template: Any, *, max_pixels: int | None, system: str | None) -> None:
+    """Give an inference engine's template a training run's prompt settings (image pixel budget, default
+    system prompt), as ms-swift's ``Template.__init__`` applies them from ``TemplateArguments``."""
+    template.max_pixels = max_pixels
+    if system is not None:
+        template.template_meta.check_system(system)
+        template.template_meta.default_system = system
+
+
 # --- logging.jsonl --------------------------------------------------------------------------------------
 
 

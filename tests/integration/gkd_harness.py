@@ -200,11 +200,12 @@ def build(config_path: Path, overrides: list[str]) -> Built:
         ensure_accelerator(_BUILT[key].trainer)
         return _BUILT[key]
     from anchorkd.config import ConfigLoader
-    from anchorkd.trainers.pipeline import build_pipeline
+    from anchorkd.trainers.pipeline import build_pipeline, settings_for_run
 
     seed_everything()
     with preserved_environment():
-        settings = ConfigLoader.load_training_config(config_path, overrides)
+        # With rlhf.seq_kd, settings_for_run first rewrites the data set with the teacher's answers.
+        settings = settings_for_run(ConfigLoader.resolve(config_path, overrides))
     pipeline = build_pipeline(settings)
     collect = _Collect()
     anchor_logger = logging.getLogger("anchorkd")

@@ -1,8 +1,7 @@
-"""GKD modes (forward-only, on-policy sampling, seq_kd) and the teacher loading rules.
+"""GKD modes (forward-only, on-policy sampling) and the teacher loading rules (seq_kd: test_seq_kd.py).
 
 - forward-only (lmbda 0) warns once that the sampling knobs do nothing;
 - on-policy (lmbda 1) samples completions with the student from image prompts and trains on them;
-- seq_kd: true is rejected by the loader;
 - teacher = the student's base with LoRA disabled when only LoRA trains (stage 2), a separate frozen copy
   when more than LoRA may train (stage 3), base + adapter with ``rlhf.teacher_adapters``.
 """
@@ -86,13 +85,6 @@ def test_on_policy_sampling_with_images(env, adapter, caplog):
     assert record["llm_kd_loss"] > 0
     assert 1 <= record["token_count"] <= 8 + 1  # sampled tokens (+ the end-of-turn token, if appended)
     assert record["loss"] == pytest.approx(record["llm_kd_loss"], rel=1e-4)
-
-
-def test_seq_kd_true_is_rejected(env):
-    with pytest.raises(ConfigError) as error:
-        ConfigLoader.resolve(h.STAGE2_GKD_DEMO, env.overrides("seq-kd", extra=("rlhf.seq_kd=true",)))
-    assert error.value.key_path == "rlhf.seq_kd"
-    assert "seq_kd" in str(error.value)
 
 
 # --- teacher loading rules -------------------------------------------------------------------------------

@@ -228,8 +228,8 @@ def test_custom_section_rejects_unknown_keys_and_lists_the_valid_ones(tmp_path, 
     error = rule_error(tmp_path, sft)
     assert key_paths(error) == ["custom.kd_loss"]
     assert (
-        "unknown key; valid keys here: kd_chunk_size, kd_loss_impl, monitor, trainer_variant, visual_kd"
-        in str(error)
+        "unknown key; valid keys here: kd_chunk_size, kd_loss_impl, monitor, teacher_targets, trainer_variant, "
+        "visual_kd" in str(error)
     )
 
     sft["custom"] = {"visual_kd": {"wieght": 0.5}}
@@ -278,14 +278,28 @@ def test_rlhf_keys_need_rlhf_type(tmp_path, gkd, key):
     assert "needs rlhf.rlhf_type (e.g. rlhf_type: gkd)" in str(error)
 
 
-def test_seq_kd_true_is_rejected_for_ms_swift_4_6_0(tmp_path, gkd):
+def test_seq_kd_is_anchorkds_and_never_reaches_ms_swift(tmp_path, gkd, clean_tb_env):
+    """ms-swift 4.6.0 raises NotImplementedError for its own seq_kd: anchorkd keeps the knob (like
+    llm_kd_weight) and its trainer never sees it, so neither ms-swift nor TRL generates anything per step."""
     gkd["rlhf"]["seq_kd"] = False
-    assert resolve(tmp_path, gkd).sections["rlhf"]["seq_kd"] is False
+    assert resolve(tmp_path, gkd).seq_kd is False
 
     gkd["rlhf"]["seq_kd"] = True
-    error = rule_error(tmp_path, gkd)
-    assert key_paths(error) == ["rlhf.seq_kd"]
-    assert "not supported: ms-swift 4.6.0 removed it" in str(error)
+    settings = ConfigLoader.load_training_config(write_config(tmp_path, gkd), create_output_dir=False)
+    assert settings.config.seq_kd is True and settings.anchor.seq_kd is True
+    assert settings.train_args.seq_kd is False
+    assert settings.train_args.training_args.seq_kd is False
+    assert "seq_kd: true" in settings.config.to_yaml()
+
+
+def test_seq_kd_needs_a_local_teacher_checkpoint(tmp_path, gkd, monkeypatch):
+    monkeypatch.setenv("ANCHORKD_ALLOW_NETWORK", "1")  # a hub id would otherwise be fine: ms-swift fetches it
+    gkd["rlhf"]["teacher_model"] = "Qwen/Qwen3-VL-4B-Instruct"
+    assert resolve(tmp_path, gkd, check_files=True).mode == "gkd"
+    gkd["rlhf"]["seq_kd"] = True
+    error = rule_error(tmp_path, gkd, check_files=True)
+    assert key_paths(error) == ["rlhf.teacher_model"]
+    assert "seq_kd generates the targets with a local teacher checkpoint" in str(error)
 
 
 # --- visual KD ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from anchorkd.cli import EXIT_BAD_INPUT, main
-from anchorkd.config import COMMAND_LINE, ConfigError, ConfigErrors, ConfigLoader
+from anchorkd.config import COMMAND_LINE, ConfigError, ConfigErrors, ConfigLoader, rules
 from anchorkd.config.rules import NUMERIC_RANGES, RULES
 
 
@@ -144,8 +144,93 @@ def test_visual_kd_needs_gkd_monitor(tmp_path, gkd):
     assert only_error(tmp_path, gkd).key_path == "custom.visual_kd.enabled"
 
 
-def test_seq_kd_is_refused(tmp_path, gkd):
+def test_seq_kd_resolves_on_a_gkd_run(tmp_path, gkd):
     gkd["rlhf"]["seq_kd"] = True
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    assert config.mode == "gkd" and config.seq_kd is True
+    assert "seq_kd" not in config.swift_kwargs()  # ms-swift 4.6.0 raises NotImplementedError for it
+
+
+def test_seq_kd_needs_gkd(tmp_path, gkd):
+    gkd["rlhf"] = {"seq_kd": True}
+    gkd["custom"] = {}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.seq_kd" and "need a GKD run with a teacher" in str(error)
+
+
+def test_seq_kd_needs_a_kd_term(tmp_path, gkd):
+    gkd["rlhf"].update({"seq_kd": True, "llm_kd_weight": 0.0})
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.seq_kd" and "plain SFT and loads no teacher" in str(error)
+
+
+def test_seq_kd_needs_a_local_teacher(tmp_path, gkd):
+    gkd[
+        "custom"
+    ] = {}  # ms-swift's own trainer accepts a teacher server; seq_kd still cannot generate with one
+    gkd["rlhf"].update({"seq_kd": True, "teacher_model_server": "http://127.0.0.1:8000"})
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.teacher_model_server" and "local teacher checkpoint" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("adapters", "backend", "words"),
+    [
+        (["/a", "/b"], "transformers", "at most one teacher adapter, got 2"),
+        (["/a"], "vllm", "merge the adapter"),
+    ],
+)
+def test_seq_kd_teacher_adapters(tmp_path, gkd, monkeypatch, adapters, backend, words):
+    monkeypatch.setattr(rules, "infer_backend_installed", lambda name: True)
+    gkd["rlhf"].update({"seq_kd": True, "teacher_adapters": adapters})
+    gkd["custom"]["teacher_targets"] = {"infer_backend": backend}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.teacher_adapters" and words in str(error)
+
+
+@pytest.mark.parametrize(
+    ("data", "key_path"),
+    [
+        ({"dataset": ["AI-ModelScope/LaTeX_OCR"]}, "data.dataset[0]"),
+        ({"dataset": ["a.jsonl", "b.jsonl#100"]}, "data.dataset[1]"),
+        ({"cached_dataset": ["cache/train"]}, "data.cached_dataset"),
+    ],
+)
+def test_seq_kd_needs_local_jsonl(tmp_path, gkd, data, key_path):
+    gkd["rlhf"]["seq_kd"] = True
+    gkd["data"] = data
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == key_path and "seq_kd" in str(error)
+
+
+def test_infer_backend_must_be_installed(tmp_path, gkd, monkeypatch):
+    monkeypatch.setattr(rules, "infer_backend_installed", lambda name: name != "vllm")
+    gkd["rlhf"]["seq_kd"] = True
+    gkd["custom"]["teacher_targets"] = {"infer_backend": "vllm"}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.teacher_targets.infer_backend"
+    assert "vllm is not installed in this environment" in str(error)
+    gkd["rlhf"]["seq_kd"] = False  # the backend is only used to write seq_kd's targets
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).seq_kd is False
+
+
+@pytest.mark.parametrize(
+    ("values", "key_path", "words"),
+    [
+        ({"temperature": -0.5}, "custom.teacher_targets.temperature", "must be non-negative"),
+        ({"temperature": True}, "custom.teacher_targets.temperature", "must be a number"),
+        ({"infer_backend": "pt"}, "custom.teacher_targets.infer_backend", "'transformers' or 'vllm'"),
+        ({"batch_size": 0}, "custom.teacher_targets.batch_size", "greater than 0"),
+    ],
+)
+def test_teacher_targets_fields(tmp_path, gkd, values, key_path, words):
+    gkd["custom"]["teacher_targets"] = values
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == key_path and words in str(error)
+
+
+def test_seq_kd_must_be_a_boolean(tmp_path, gkd):
+    gkd["rlhf"]["seq_kd"] = "yes"
     assert only_error(tmp_path, gkd).key_path == "rlhf.seq_kd"
 
 
@@ -215,7 +300,12 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_gkd_monitor_needs_gkd": "test_gkd_monitor_needs_gkd",
         "rule_kd_weight_needs_gkd_monitor": "test_kd_weight_other_than_one_needs_gkd_monitor",
         "rule_visual_kd_needs_gkd_monitor": "test_visual_kd_needs_gkd_monitor",
-        "rule_seq_kd_unsupported": "test_seq_kd_is_refused",
+        "rule_seq_kd_needs_gkd": "test_seq_kd_needs_gkd",
+        "rule_seq_kd_needs_kd_term": "test_seq_kd_needs_a_kd_term",
+        "rule_seq_kd_needs_local_teacher": "test_seq_kd_needs_a_local_teacher",
+        "rule_seq_kd_teacher_adapters": "test_seq_kd_teacher_adapters",
+        "rule_seq_kd_needs_local_jsonl": "test_seq_kd_needs_local_jsonl",
+        "rule_infer_backend_installed": "test_infer_backend_must_be_installed",
         "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
         "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
         "rule_cpu_data_parallel_needs_use_cpu": "test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,40 @@ def test_torchrun_args_need_nproc_per_node(monkeypatch):
     monkeypatch.setenv("NPROC_PER_NODE", "2")
     args = seam.torchrun_args()
     assert args is not None and "--nproc_per_node" in args and "2" in args
+
+
+def test_inference_engines_take_the_arguments_load_model_passes():
+    from swift.infer_engine import TransformersEngine
+
+    passed = {"adapters", "model_type", "torch_dtype", "template_type"}
+    assert passed | {"max_batch_size"} <= set(inspect.signature(TransformersEngine.__init__).parameters)
+    # VllmEngine imports vllm on import, which need not be installed: read its constructor's source instead.
+    import importlib.util
+
+    vllm_engine = importlib.util.find_spec("swift.infer_engine.vllm_engine")
+    text = Path(vllm_engine.origin).read_text(encoding="utf-8")
+    init = text[text.index("class VllmEngine") :]
+    init = init[init.index("def __init__") : init.index(") -> None:")]
+    assert all(f"{name}:" in init for name in passed)
+
+
+def test_template_prompt_settings_configure_template_sets():
+    from swift.template import Template, TemplateMeta
+
+    init = source(Template.__init__)
+    assert "self.max_pixels = max_pixels" in init
+    assert "template_meta.check_system(default_system)" in init
+    assert "template_meta.default_system = default_system" in init
+    assert "self.max_pixels" in source(Template._get_max_pixels)
+    assert callable(TemplateMeta.check_system)
+
+
+def test_ms_swift_refuses_its_own_seq_kd_and_its_gkd_trainer_never_reads_it():
+    """anchorkd implements seq_kd on the data side and keeps ms-swift's flag False; if ms-swift brings the
+    flag back to life in its trainer, this fails so the two cannot both generate."""
+    _, rlhf_cls = seam.arguments_classes()
+    assert "seq_kd" in seam.field_names(rlhf_cls)
+    assert "raise NotImplementedError" in source(rlhf_cls._check_gkd)
+    gkd = seam.gkd_trainer_base()
+    assert "seq_kd" not in inspect.getsource(inspect.getmodule(gkd))
+    assert "HFSFTTrainer.training_step" in source(gkd.training_step)  # not TRL's, which reads args.seq_kd

@@ -29,7 +29,7 @@ from ..checkpoints import with_resume
 from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
 from .rules import ConfigDraft, LaunchEnvironment, check_rules
-from .schema import AnchorRlhfKnobs, CustomConfig, validate_model
+from .schema import AnchorRlhfKnobs, CustomConfig, default_teacher_targets_dir, validate_model
 from .settings import AnchorSettings, RunMode, RunSettings, TeacherMode
 from .yaml_io import (
     apply_overrides,
@@ -58,6 +58,8 @@ class ResolvedConfig:
     mode: RunMode
     sources: tuple[Path, ...]
     overridden: frozenset[str] = frozenset()
+    # rlhf.seq_kd: train on the teacher's own answers (written before training, never passed to ms-swift).
+    seq_kd: bool = False
 
     @property
     def visual_kd_active(self) -> bool:
@@ -231,7 +233,12 @@ def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str])
         sections = {**sections, "rlhf": {}}
         if custom.trainer_variant == "gkd_monitor":
             custom = custom.model_copy(update={"trainer_variant": "default"})
-    return ResolvedConfig(sections, custom, weight, mode, tuple(sources), overridden)
+    if draft.knobs.seq_kd and custom.teacher_targets.cache_dir is None:
+        # Settled here, from the output dir as written: a resume later points output_dir at a run folder.
+        cache_dir = default_teacher_targets_dir(sections["training"].get("output_dir"))
+        targets = custom.teacher_targets.model_copy(update={"cache_dir": cache_dir})
+        custom = custom.model_copy(update={"teacher_targets": targets})
+    return ResolvedConfig(sections, custom, weight, mode, tuple(sources), overridden, draft.knobs.seq_kd)
 
 
 def _args_cls(rlhf: bool):
@@ -326,6 +333,11 @@ def _check_checkpoints(config: ResolvedConfig) -> None:
         _check_checkpoint("rlhf.teacher_model", rlhf.get("teacher_model"))
         for i, adapter in enumerate(rlhf.get("teacher_adapters", []) or []):
             _check_checkpoint(f"rlhf.teacher_adapters[{i}]", adapter)
+        if config.seq_kd and not is_local_reference(rlhf.get("teacher_model") or ""):
+            raise ConfigError(
+                "rlhf.teacher_model",
+                "seq_kd generates the targets with a local teacher checkpoint: download it and give its folder",
+            )
 
 
 def uses_only_local_paths(config: ResolvedConfig) -> bool:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 from ..errors import ConfigError
+from ..swift_seam import infer_backend_installed
 from .schema import AnchorRlhfKnobs, CustomConfig
 from .swift_keys import ANCHORKD_RLHF_KEYS
 
@@ -185,15 +186,6 @@ def rule_visual_kd_needs_gkd_monitor(draft: ConfigDraft) -> None:
         )
 
 
-def rule_seq_kd_unsupported(draft: ConfigDraft) -> None:
-    if draft.rlhf.get("seq_kd"):
-        raise ConfigError(
-            "rlhf.seq_kd",
-            "seq_kd: true (teacher-generated responses) is not supported: ms-swift 4.6.0 removed it. "
-            "Use seq_kd: false with lmbda: 0 (forward-only KD) or lmbda > 0 (on-policy student sampling)",
-        )
-
-
 def rule_teacher_required_for_kd(draft: ConfigDraft) -> None:
     if not draft.is_gkd or not draft.kd_requested:
         return
@@ -217,6 +209,78 @@ def rule_visual_kd_needs_trainable_vision(draft: ConfigDraft) -> None:
             "the vision tower and aligner are both frozen (tuner.freeze_vit / tuner.freeze_aligner, "
             "true by default), so the merger features never move and the visual KD term would be "
             "identically zero: set tuner.freeze_aligner: false (or freeze_vit: false)",
+        )
+
+
+# --- sequence-level KD (rlhf.seq_kd: true) --------------------------------------------------------------
+
+
+def rule_seq_kd_needs_gkd(draft: ConfigDraft) -> None:
+    if draft.knobs.seq_kd and not draft.is_gkd:
+        raise ConfigError(
+            "rlhf.seq_kd",
+            "the teacher's answers need a GKD run with a teacher: set rlhf.rlhf_type: gkd and "
+            "rlhf.teacher_model",
+        )
+
+
+def rule_seq_kd_needs_kd_term(draft: ConfigDraft) -> None:
+    """With every KD weight at 0 the run becomes plain SFT and loads no teacher: seq_kd would do nothing."""
+    if draft.knobs.seq_kd and draft.is_gkd and not draft.kd_requested:
+        raise ConfigError(
+            "rlhf.seq_kd",
+            "every KD weight is 0, so this run is plain SFT and loads no teacher: set rlhf.llm_kd_weight > 0",
+        )
+
+
+def rule_seq_kd_needs_local_teacher(draft: ConfigDraft) -> None:
+    if draft.knobs.seq_kd and draft.rlhf.get("teacher_model_server"):
+        raise ConfigError(
+            "rlhf.teacher_model_server",
+            "seq_kd generates the targets with a local teacher checkpoint (rlhf.teacher_model), not a server",
+        )
+
+
+def rule_seq_kd_teacher_adapters(draft: ConfigDraft) -> None:
+    adapters = draft.rlhf.get("teacher_adapters") or []
+    if not draft.knobs.seq_kd or not adapters:
+        return
+    if len(adapters) > 1:
+        raise ConfigError(
+            "rlhf.teacher_adapters",
+            f"seq_kd generates with at most one teacher adapter, got {len(adapters)}: merge them first",
+        )
+    if draft.custom.teacher_targets.infer_backend == "vllm":
+        raise ConfigError(
+            "rlhf.teacher_adapters",
+            "the vllm backend generates with plain checkpoints: merge the adapter into the teacher "
+            "(swift export --merge_lora true) or set custom.teacher_targets.infer_backend: transformers",
+        )
+
+
+def rule_seq_kd_needs_local_jsonl(draft: ConfigDraft) -> None:
+    """The teacher answers every row of the training files, so they must be local JSONL files read whole."""
+    if not draft.knobs.seq_kd:
+        return
+    data = draft.sections["data"]
+    if data.get("cached_dataset"):
+        raise ConfigError(
+            "data.cached_dataset", "seq_kd rewrites the answers of data.dataset rows: not a tokenized cache"
+        )
+    for i, entry in enumerate(data.get("dataset") or []):
+        if not str(entry).endswith(".jsonl"):
+            raise ConfigError(
+                f"data.dataset[{i}]",
+                f"seq_kd needs local .jsonl files read whole (no hub id, no #N sample count), got {entry!r}",
+            )
+
+
+def rule_infer_backend_installed(draft: ConfigDraft) -> None:
+    backend = draft.custom.teacher_targets.infer_backend
+    if draft.knobs.seq_kd and not infer_backend_installed(backend):
+        raise ConfigError(
+            "custom.teacher_targets.infer_backend",
+            f"{backend} is not installed in this environment: install it, or use transformers",
         )
 
 
@@ -271,7 +335,12 @@ RULES: tuple[Rule, ...] = (
     rule_gkd_monitor_needs_gkd,
     rule_kd_weight_needs_gkd_monitor,
     rule_visual_kd_needs_gkd_monitor,
-    rule_seq_kd_unsupported,
+    rule_seq_kd_needs_gkd,
+    rule_seq_kd_needs_kd_term,
+    rule_seq_kd_needs_local_teacher,
+    rule_seq_kd_teacher_adapters,
+    rule_seq_kd_needs_local_jsonl,
+    rule_infer_backend_installed,
     rule_teacher_required_for_kd,
     rule_visual_kd_needs_trainable_vision,
     rule_cpu_data_parallel_needs_use_cpu,

@@ -1,4 +1,4 @@
-"""Pydantic models for anchorkd's own configuration: the ``custom`` section and ``rlhf.llm_kd_weight``.
+"""Pydantic models for anchorkd's own configuration: the ``custom`` section and anchorkd's ``rlhf`` keys.
 
 ms-swift's own keys are checked against ms-swift's dataclasses (see ``swift_keys``); everything anchorkd
 adds is declared here with ``extra="forbid"`` and one validator per rule.
@@ -7,9 +7,18 @@ adds is declared here with ``extra="forbid"`` and one validator per rule.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigError, ConfigErrors
 
@@ -102,6 +111,35 @@ class MonitorConfig(AlertConfig):
     enabled: bool = True
 
 
+class TeacherTargetsConfig(StrictModel):
+    """``custom.teacher_targets``: how the teacher writes the training targets of ``rlhf.seq_kd: true``.
+
+    The length limit is ``rlhf.max_completion_length`` (shared with the student's samples, as in TRL). The
+    temperature is the teacher's own: ``rlhf.temperature`` also divides the logits inside the JSD, so it
+    cannot be 0 (greedy) there.
+    """
+
+    # 0: greedy, the same answer for a row every time (what the cache assumes is worth keeping).
+    temperature: float = 0.0
+    infer_backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    # None: default_teacher_targets_dir(training.output_dir), filled in when the config is resolved.
+    cache_dir: str | None = None
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def temperature_is_non_negative_number(cls, value):
+        return _non_negative_finite_number(value, "teacher_targets.temperature")
+
+
+def default_teacher_targets_dir(output_dir: str | None) -> str:
+    """``teacher_targets`` in the parent of ``training.output_dir`` as written, so that runs under one output
+    root share it; taken before a resume points the output dir at a run's ``v<N>-<time>`` folder. ms-swift's
+    own default output dir is under ``output``."""
+    root = Path(output_dir).expanduser().parent if output_dir else Path("output")
+    return str(root / "teacher_targets")
+
+
 class CustomConfig(StrictModel):
     """The ``custom`` section: anchorkd's trainer and monitoring knobs."""
 
@@ -111,12 +149,16 @@ class CustomConfig(StrictModel):
     # None: the fused loss's own default (anchorkd.losses.fused.DEFAULT_CHUNK_SIZE), the one default.
     kd_chunk_size: Annotated[int, Field(gt=0)] | None = None
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    teacher_targets: TeacherTargetsConfig = Field(default_factory=TeacherTargetsConfig)
 
 
 class AnchorRlhfKnobs(StrictModel):
     """anchorkd's keys inside the ``rlhf`` section (never passed to ms-swift constructors)."""
 
     llm_kd_weight: float = 1.0
+    # Sequence-level KD: train on the teacher's own answers (``anchorkd.trainers.teacher_targets``).
+    # ms-swift 4.6.0 raises NotImplementedError for its own seq_kd, so it never sees this value.
+    seq_kd: StrictBool = False
 
     @field_validator("llm_kd_weight", mode="before")
     @classmethod

@@ -39,6 +39,8 @@ class AnchorSettings(BaseModel):
     kd_chunk_size: int | None
     monitor: MonitorConfig
     teacher_mode: TeacherMode
+    # Sequence-level KD: the run trains on the teacher's answers (its data set was rewritten before training).
+    seq_kd: bool
 
     @property
     def lm_kd_active(self) -> bool:
@@ -64,6 +66,7 @@ class AnchorSettings(BaseModel):
             kd_chunk_size=custom.kd_chunk_size,
             monitor=custom.monitor,
             teacher_mode=teacher_mode,
+            seq_kd=config.seq_kd,
         )
 
 

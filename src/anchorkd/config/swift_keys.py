@@ -20,8 +20,9 @@ from ..errors import ConfigError
 
 SECTIONS = ("model", "data", "template", "tuner", "training", "rlhf", "custom")
 SWIFT_SECTIONS = ("model", "data", "template", "tuner", "training", "rlhf")
-# Our own knobs that live in an ms-swift section but are never passed to ms-swift constructors.
-ANCHORKD_RLHF_KEYS = ("llm_kd_weight",)
+# Our own knobs that live in an ms-swift section but are never passed to ms-swift constructors. ms-swift
+# declares seq_kd too, but 4.6.0 refuses ``seq_kd=True``: anchorkd implements it on the data side.
+ANCHORKD_RLHF_KEYS = ("llm_kd_weight", "seq_kd")
 # ms-swift declares these on BaseArguments / the trainer mixin, but users think of them as tuner or data
 # settings: they are accepted there as well as under ``training``.
 SECTION_ALIASES = {

@@ -51,6 +51,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=8)
 
 
+def _add_infer_backend_option(parser: argparse.ArgumentParser) -> None:
+    from .model import DEFAULT_INFER_BACKEND, INFER_BACKENDS
+
+    parser.add_argument(
+        "--infer-backend",
+        choices=INFER_BACKENDS,
+        default=DEFAULT_INFER_BACKEND,
+        help=f"ms-swift inference engine (default {DEFAULT_INFER_BACKEND}; vllm only where it is installed)",
+    )
+
+
 def _cmd_generate(ns) -> int:
     from .generate import generate_captions
 
@@ -64,6 +75,7 @@ def _cmd_generate(ns) -> int:
         limit=ns.limit,
         model_type=ns.model_type,
         torch_dtype=ns.torch_dtype,
+        infer_backend=ns.infer_backend,
     )
     print(f"anchorkd: captions in {path}")
     return 0
@@ -142,6 +154,7 @@ def register(subparsers) -> None:
     generate.add_argument("--out", required=True, help="folder for generations.jsonl")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=128)
     generate.add_argument("--limit", type=_positive_int, help="only the first N records of each file")
+    _add_infer_backend_option(generate)
     generate.set_defaults(handler=_cmd_generate)
 
     score = commands.add_parser("score", help="caption metrics of a generations.jsonl (no model needed)")

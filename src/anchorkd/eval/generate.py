@@ -29,7 +29,7 @@ from typing import Any
 
 from anchorkd.data.validate import read_jsonl_records
 from anchorkd.errors import ConfigError, DataError
-from anchorkd.eval.model import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
+from anchorkd.eval.model import DEFAULT_INFER_BACKEND, DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
 from anchorkd.eval.provenance import describe_file, run_provenance
 from anchorkd.io import atomic_write_json, write_jsonl
 
@@ -80,7 +80,7 @@ class EvalSample:
         }
 
 
-def _sample_from_record(record: dict[str, Any], path: Path, line_no: int) -> EvalSample:
+def sample_from_record(record: dict[str, Any], path: Path, line_no: int) -> EvalSample:
     """Prompt = every turn before the final assistant turn; reference = that turn ("" if none)."""
     messages = record["messages"]
     reference = ""
@@ -111,7 +111,7 @@ def read_eval_samples(path: str | Path, limit: int | None = None) -> list[EvalSa
     for line_no, record in read_jsonl_records(path):
         if limit is not None and len(samples) >= limit:
             break
-        samples.append(_sample_from_record(record, path, line_no))
+        samples.append(sample_from_record(record, path, line_no))
     return samples
 
 
@@ -125,24 +125,50 @@ def _batches(items: Sequence[EvalSample], size: int) -> Iterator[Sequence[EvalSa
         yield items[start : start + size]
 
 
-def _generate_batch(loaded: LoadedModel, batch: Sequence[EvalSample], request_config: Any) -> list[dict]:
+@dataclass(frozen=True)
+class Response:
+    """One generated answer."""
+
+    text: str
+    finish_reason: str | None  # "stop", or "length" when max_new_tokens cut it short
+    generated_tokens: int
+
+
+def decoding_config(max_new_tokens: int, temperature: float = 0.0) -> Any:
+    """ms-swift's request settings: greedy when ``temperature`` is 0 whatever the checkpoint's
+    ``generation_config`` suggests, and no repetition penalty, so that runs differ only by their weights."""
+    from swift.infer_engine import RequestConfig
+
+    return RequestConfig(max_tokens=max_new_tokens, temperature=temperature, repetition_penalty=1.0)
+
+
+def generate_responses(
+    loaded: LoadedModel, batch: Sequence[EvalSample], request_config: Any
+) -> list[Response]:
+    """The model's answer to each sample's prompt (its messages before the final assistant turn, its
+    images), rendered by ms-swift's template; a failed sample raises DataError naming its ``file:line``."""
     from swift.infer_engine import InferRequest
 
     requests = [InferRequest(messages=s.prompt_messages, images=s.images) for s in batch]
     responses = loaded.engine.infer(requests, request_config, use_tqdm=False)
-    records = []
+    answers = []
     for sample, response in zip(batch, responses, strict=True):
         if isinstance(response, Exception):
             raise DataError(sample.source, f"generation failed: {response}", sample.line)
         choice = response.choices[0]
-        records.append(
-            sample.generation_record(
-                caption=choice.message.content or "",
-                finish_reason=choice.finish_reason,
-                generated_tokens=response.usage.completion_tokens,
-            )
+        answers.append(
+            Response(choice.message.content or "", choice.finish_reason, response.usage.completion_tokens)
         )
-    return records
+    return answers
+
+
+def _generate_batch(loaded: LoadedModel, batch: Sequence[EvalSample], request_config: Any) -> list[dict]:
+    return [
+        sample.generation_record(
+            caption=answer.text, finish_reason=answer.finish_reason, generated_tokens=answer.generated_tokens
+        )
+        for sample, answer in zip(batch, generate_responses(loaded, batch, request_config), strict=True)
+    ]
 
 
 def generate_captions(
@@ -156,6 +182,7 @@ def generate_captions(
     limit: int | None = None,
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,
+    infer_backend: str = DEFAULT_INFER_BACKEND,
     show_progress: bool = True,
 ) -> Path:
     """Greedy-decode a caption for every record of ``data_files``; return ``out_dir/generations.jsonl``.
@@ -174,12 +201,13 @@ def generate_captions(
     if not data_files:
         raise ConfigError("--data", "no evaluation data file given")
     samples_by_file = {Path(f).expanduser().resolve(): read_eval_samples(f, limit) for f in data_files}
-    loaded = as_loaded_model(model, adapter, model_type=model_type, torch_dtype=torch_dtype)
+    loaded = as_loaded_model(
+        model, adapter, model_type=model_type, torch_dtype=torch_dtype, infer_backend=infer_backend
+    )
 
-    from swift.infer_engine import RequestConfig
     from tqdm import tqdm
 
-    request_config = RequestConfig(max_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    request_config = decoding_config(max_new_tokens)
     out_dir = Path(out_dir)
     final_path = out_dir / GENERATIONS_FILE
     total = sum(len(samples) for samples in samples_by_file.values())

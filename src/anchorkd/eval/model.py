@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anchorkd import swift_seam as seam
 from anchorkd.errors import ConfigError
 
 DEFAULT_MODEL_TYPE = "qwen3_vl"
 """ms-swift model type: cannot be inferred from a Qwen3-VL folder (qwen3_vl / _emb / _reranker match)."""
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
+INFER_BACKENDS = seam.INFER_BACKENDS
+DEFAULT_INFER_BACKEND = "transformers"
 
 
 def require_checkpoint(path: str | Path, option: str = "--model") -> Path:
@@ -43,23 +46,41 @@ def require_adapter(path: str | Path, option: str = "--adapter") -> Path:
     return folder.resolve()
 
 
+@dataclass(frozen=True)
+class PromptSettings:
+    """A training run's template settings that change what the model sees, for generating as it trained.
+
+    Without them the engine takes the checkpoint's own (its ``args.json`` when ms-swift wrote one).
+    """
+
+    template_type: str | None = None
+    max_pixels: int | None = None
+    system: str | None = None
+
+
 @dataclass
 class LoadedModel:
     """An ms-swift inference engine with its checkpoint (and optional adapter) applied."""
 
-    engine: Any  # swift.infer_engine.TransformersEngine (imported lazily: loading ms-swift takes seconds)
+    engine: (
+        Any  # swift.infer_engine.TransformersEngine / VllmEngine (imported lazily: ms-swift takes seconds)
+    )
     model: Path
     adapter: Path | None
     model_type: str
+    infer_backend: str = DEFAULT_INFER_BACKEND
 
     def describe(self) -> dict[str, Any]:
-        model = self.engine.model
+        model = getattr(self.engine, "model", None)  # vLLM keeps its weights in worker processes
         return {
             "model": str(self.model),
             "adapter": str(self.adapter) if self.adapter else None,
             "model_type": self.model_type,
+            "infer_backend": self.infer_backend,
             "template": self.engine.template.template_meta.template_type,
-            "dtype": str(getattr(model, "dtype", None)).removeprefix("torch."),
+            "dtype": str(getattr(model, "dtype", getattr(self.engine, "torch_dtype", None))).removeprefix(
+                "torch."
+            ),
             "device": str(getattr(model, "device", None)),
         }
 
@@ -70,28 +91,60 @@ def load_model(
     *,
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,
+    infer_backend: str = DEFAULT_INFER_BACKEND,
+    prompt_settings: PromptSettings | None = None,
 ) -> LoadedModel:
     """Load a checkpoint through ms-swift (its model loader, template and LoRA loading).
 
-    ``torch_dtype`` is one of TORCH_DTYPES or None for the checkpoint's own dtype.
+    ``torch_dtype`` is one of TORCH_DTYPES or None for the checkpoint's own dtype. ``infer_backend`` is
+    one of INFER_BACKENDS: ms-swift's ``TransformersEngine`` or, where vLLM is installed, its
+    ``VllmEngine`` (plain checkpoints only: merge an adapter first).
     """
     model_dir = require_checkpoint(model, "--model")
     adapter_dir = require_adapter(adapter, "--adapter") if adapter is not None else None
     if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
         raise ConfigError("--torch-dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
+    require_infer_backend(infer_backend)
+    if infer_backend == "vllm" and adapter_dir is not None:
+        raise ConfigError(
+            "--adapter",
+            "the vllm backend generates with plain checkpoints: merge the adapter into the model "
+            "(swift export --merge_lora true) or use --infer-backend transformers",
+        )
 
     import torch
-    from swift.infer_engine import TransformersEngine
 
-    engine = TransformersEngine(
+    prompt = prompt_settings or PromptSettings()
+    engine = seam.infer_engine(
+        infer_backend,
         str(model_dir),
         adapters=[str(adapter_dir)] if adapter_dir else None,
         model_type=model_type,
         torch_dtype=getattr(torch, torch_dtype) if torch_dtype else None,
-        max_batch_size=0,  # callers hand over one batch at a time
+        template_type=prompt.template_type,
     )
-    engine.model.eval()
-    return LoadedModel(engine=engine, model=model_dir, adapter=adapter_dir, model_type=model_type)
+    if prompt_settings is not None:
+        seam.configure_template(engine.template, max_pixels=prompt.max_pixels, system=prompt.system)
+    if infer_backend == "transformers":
+        engine.model.eval()
+    return LoadedModel(
+        engine=engine,
+        model=model_dir,
+        adapter=adapter_dir,
+        model_type=model_type,
+        infer_backend=infer_backend,
+    )
+
+
+def require_infer_backend(backend: str, option: str = "--infer-backend") -> str:
+    """``backend`` when it is one of INFER_BACKENDS and installed here; ConfigError naming ``option`` otherwise."""
+    if backend not in INFER_BACKENDS:
+        raise ConfigError(option, f"must be one of {', '.join(INFER_BACKENDS)}, got {backend!r}")
+    if not seam.infer_backend_installed(backend):
+        raise ConfigError(
+            option, f"{backend} is not installed in this environment: install it, or use transformers"
+        )
+    return backend
 
 
 def as_loaded_model(

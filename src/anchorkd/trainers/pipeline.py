@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from .. import swift_seam as seam
+from ..config.loader import ResolvedConfig
 from ..config.settings import RunSettings
 
 logger = logging.getLogger("anchorkd")
@@ -101,6 +102,17 @@ def build_pipeline(settings: RunSettings):
     return pipeline
 
 
+def settings_for_run(config: ResolvedConfig, *, writer: bool | None = None) -> RunSettings:
+    """ms-swift's arguments and anchorkd's settings for a checked config. With ``rlhf.seq_kd: true`` the
+    data set is first rewritten with the teacher's answers (made by the writer rank, or read from the cache),
+    so ms-swift trains on those."""
+    from ..config import ConfigLoader
+    from .teacher_targets import with_teacher_targets
+
+    trained = with_teacher_targets(config, writer=_is_writer_rank() if writer is None else writer)
+    return ConfigLoader.build_settings(trained)
+
+
 def run_training(config_path: str | Path, overrides=()) -> dict:
     """Check ``config_path`` completely, write the resolved config, train, and return a summary."""
     from ..checkpoints import resume_plan
@@ -110,7 +122,7 @@ def run_training(config_path: str | Path, overrides=()) -> dict:
 
     config = check_run(config_path, overrides)  # every rule, data line and checkpoint: before any write
     resume = resume_plan(config)
-    settings = ConfigLoader.build_settings(config)
+    settings = settings_for_run(config)
     output_dir = settings.output_dir
     if _is_writer_rank():
         if resume is not None:
