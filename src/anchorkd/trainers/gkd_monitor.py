@@ -127,10 +127,16 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
 
     def _warn_forward_only_knobs(self) -> None:
         if self.lmbda == 0:
+            length = (
+                "max_completion_length limits only the teacher's answers (seq_kd), and"
+                if self.anchor.seq_kd
+                else "max_completion_length and"
+            )
             logger.warning(
-                "lmbda=0 (forward-only KD): the student never samples, so max_completion_length and the "
-                "sampling role of temperature are ignored (temperature still softens both distributions in "
-                "the JSD, as in ms-swift)."
+                "lmbda=0 (forward-only KD): the student never samples, so %s the sampling role of "
+                "temperature is ignored (temperature still softens both distributions in the JSD, as in "
+                "ms-swift).",
+                length,
             )
 
     # --- accumulation window --------------------------------------------------------------------
