@@ -16,7 +16,7 @@ ALLOWED = {
     "data": {"config"},
     "monitor": {"config"},
     "eval": {"config", "data", "monitor"},
-    "trainers": {"config", "data", "losses", "monitor", "checks"},
+    "trainers": {"config", "data", "losses", "monitor", "eval", "checks"},
     "demo": {"config", "data", "eval", "trainers", "monitor", "losses", "checks"},
 }
 
