@@ -175,8 +175,8 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
     def _warn_forward_only_knobs(self) -> None:
         if self.lmbda == 0:
             length = (
-                "max_completion_length limits only the teacher's answers (seq_kd), and"
-                if self.anchor.seq_kd
+                "max_completion_length limits only the teacher's answers (seq_kd, anchor prompts), and"
+                if self.anchor.seq_kd or self.anchor.anchor_prompts_active
                 else "max_completion_length and"
             )
             logger.warning(
