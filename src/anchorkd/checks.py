@@ -2,7 +2,7 @@
 
 ``anchorkd validate``, ``anchorkd check`` and the start of ``anchorkd train`` all call ``check_run``:
 1. the config: keys, types, every rule of ``anchorkd.config.rules``, checkpoints (``ConfigLoader``);
-2. the data: every line of every local data file (``anchorkd.data.validate``);
+2. the data: every line of every local data file, anchor prompts included (``anchorkd.data.validate``);
 3. for runs with a teacher: teacher / student compatibility (``anchorkd.trainers.preflight``).
 """
 
@@ -38,6 +38,10 @@ def check_data(config: ResolvedConfig) -> None:
     for key in ("dataset", "val_dataset"):
         for i, entry in enumerate(data.get(key, []) or []):
             validate_dataset_entry(entry, key_path=f"data.{key}[{i}]", rules=rules)
+    if config.mode == "gkd":
+        # The anchor prompts: the same rules (a row may end without an assistant turn: the teacher answers it).
+        for i, entry in enumerate(config.custom.anchor.dataset):
+            validate_dataset_entry(entry, key_path=f"custom.anchor.dataset[{i}]", rules=rules)
 
 
 def check_run(path: str | Path, overrides: Iterable[str] = (), *, teacher: bool = True) -> ResolvedConfig:

@@ -138,6 +138,21 @@ def starts_generation_buffer(trainer: Any) -> bool:
     return trainer._step % steps == 0 or trainer._buffered_inputs is None
 
 
+def micro_batch_counter(trainer: Any) -> int:
+    """ms-swift's GKD count of training micro-batches taken from its buffers so far (``_step``)."""
+    return int(trainer._step)
+
+
+def load_rows(train_args: Any, paths: list[str]) -> Any:
+    """Local data files loaded and preprocessed the way ms-swift loads ``dataset`` (its row format, column
+    mapping and role names), in file order: not shuffled, nothing split off for validation."""
+    from swift.dataset import load_dataset
+
+    kwargs = {**train_args.get_dataset_kwargs(), "streaming": False}
+    rows, _ = load_dataset(list(paths), split_dataset_ratio=0.0, shuffle=False, **kwargs)
+    return rows
+
+
 def generation_buffer(trainer: Any) -> list[dict]:
     return trainer._buffered_inputs
 

@@ -45,6 +45,23 @@ def test_kd_spike_against_running_median():
     assert "running median" in alerts[0].message
 
 
+def test_anchor_kd_spike_has_its_own_rule_and_history():
+    """``anchor_kd_loss`` spikes against its own running median; the domain term's history is apart."""
+    monitor = AlertMonitor(AlertConfig(kd_spike_window=5, kd_spike_min_history=3, kd_spike_min_threshold=0.0))
+    steps = [
+        {"llm_kd_loss": 1.0, "anchor_kd_loss": 0.1},
+        {"llm_kd_loss": 1.0, "train/anchor_kd_loss": 0.1},
+        {"llm_kd_loss": 1.0, "anchor_kd_loss": 0.1},
+        # 0.5 > 3 x 0.1 fires on the anchor term only; 1.2 < 3 x 1.0 leaves the domain term quiet
+        {"llm_kd_loss": 1.2, "anchor_kd_loss": 0.5},
+    ]
+    alerts = [alert for step, metrics in enumerate(steps, start=1) for alert in monitor.update(step, metrics)]
+    assert [(a.step, a.rule, a.metric, a.value) for a in alerts] == [
+        (4, "anchor_kd_loss_spike", "anchor_kd_loss", 0.5)
+    ]
+    assert alerts[0].threshold == pytest.approx(0.3) and "anchor_kd_loss 0.5" in alerts[0].message
+
+
 def test_kd_spike_needs_min_history():
     monitor = AlertMonitor(AlertConfig(kd_spike_window=5, kd_spike_min_history=3, kd_spike_min_threshold=0.0))
     assert feed(monitor, "llm_kd_loss", [1.0, 100.0, 1.0]) == []  # steps 1-3: never 3 earlier values

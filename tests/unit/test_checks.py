@@ -71,3 +71,33 @@ def test_cli_validate_reports_a_data_rule_and_exits_2(tmp_path, tiny_model_dir, 
     assert status == EXIT_BAD_INPUT
     assert err.startswith(f"anchorkd: error: {data}:1: 1 row(s) longer than template.max_length")
     assert "Traceback" not in err
+
+
+def anchor_config(folder: Path, tiny_model_dir: Path, dataset: Path, anchor: list[str]) -> Path:
+    path = config_file(folder, tiny_model_dir, dataset, gkd=True)
+    config = yaml.safe_load(path.read_text())
+    config["custom"]["anchor"] = {"dataset": anchor, "ratio": 0.25}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_anchor_prompt_files_are_checked_like_the_data(tmp_path, tiny_model_dir):
+    """A missing anchor file names its key; a bad anchor row names its file:line; a prompt without an
+    assistant turn is fine (the teacher answers it before training)."""
+    from anchorkd.config import ConfigError
+
+    data = write(tmp_path, "train.jsonl", [ROW])
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(ConfigError) as info:
+        check_run(anchor_config(tmp_path, tiny_model_dir, data, [str(missing)]), teacher=False)
+    assert info.value.key_path == "custom.anchor.dataset[0]" and "data file not found" in str(info.value)
+    prompt_only = {"messages": [{"role": "user", "content": "describe the scene"}]}
+    bad = {"messages": [{"role": "narrator", "content": "x"}]}
+    anchors = write(tmp_path, "anchors.jsonl", [prompt_only, ROW, bad])
+    with pytest.raises(DataError) as info:
+        check_run(anchor_config(tmp_path, tiny_model_dir, data, [str(anchors)]), teacher=False)
+    assert str(info.value).startswith(f"{anchors}:3: messages[0].role 'narrator'")
+    anchors = write(tmp_path, "anchors.jsonl", [prompt_only, ROW])
+    config = check_run(anchor_config(tmp_path, tiny_model_dir, data, [str(anchors)]), teacher=False)
+    assert config.custom.anchor.dataset == [str(anchors)]
+    assert not (tmp_path / "out").exists()

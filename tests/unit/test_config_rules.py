@@ -229,6 +229,102 @@ def test_teacher_targets_fields(tmp_path, gkd, values, key_path, words):
     assert error.key_path == key_path and words in str(error)
 
 
+# --- KD-only anchor prompts (custom.anchor) ----------------------------------------------------------------
+
+ANCHOR = {"dataset": ["/data/general_prompts.jsonl"], "weight": 0.5, "ratio": 0.25}
+
+
+def test_anchor_prompts_resolve_on_a_gkd_monitor_run(tmp_path, gkd):
+    gkd["custom"]["anchor"] = ANCHOR
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    assert config.mode == "gkd" and config.custom.anchor.active
+    assert (config.custom.anchor.weight, config.custom.anchor.ratio) == (0.5, 0.25)
+    assert config.custom.teacher_targets.cache_dir == str(tmp_path / "teacher_targets")  # rows to answer
+    # Anchor prompts alone keep a run GKD: domain rows train on CE only, anchor rows on the KD term.
+    gkd["rlhf"]["llm_kd_weight"] = 0.0
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+
+
+@pytest.mark.parametrize(
+    ("values", "key_path", "words"),
+    [
+        ({"ratio": 0.0}, "custom.anchor.ratio", "must be in (0, 1)"),
+        ({"ratio": 1.0}, "custom.anchor.ratio", "must be in (0, 1)"),
+        ({"ratio": "a quarter"}, "custom.anchor.ratio", "must be a number"),
+        ({"weight": 0}, "custom.anchor.weight", "remove custom.anchor"),
+        ({"weight": -1.0}, "custom.anchor.weight", "must be non-negative"),
+        ({"weight": float("inf")}, "custom.anchor.weight", "must be finite"),
+    ],
+)
+def test_anchor_fields(tmp_path, gkd, values, key_path, words):
+    gkd["custom"]["anchor"] = {**ANCHOR, **values}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == key_path and words in str(error)
+
+
+def test_anchor_settings_need_a_dataset(tmp_path, gkd):
+    gkd["custom"]["anchor"] = {"ratio": 0.3}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.anchor" and "needs dataset" in str(error)
+    gkd["custom"]["anchor"] = {"dataset": [], "ratio": 0.3}  # as a resolved config writes "off"
+    assert not ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).custom.anchor.active
+
+
+def test_anchor_needs_gkd(tmp_path, gkd):
+    gkd["rlhf"] = {}
+    gkd["custom"] = {"anchor": ANCHOR}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.anchor.dataset" and "set rlhf.rlhf_type: gkd" in str(error)
+
+
+def test_anchor_needs_gkd_monitor(tmp_path, gkd):
+    gkd["custom"] = {"anchor": ANCHOR}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.anchor.dataset" and "custom.trainer_variant: gkd_monitor" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "key_path"),
+    [
+        (["AI-ModelScope/LaTeX_OCR"], "custom.anchor.dataset[0]"),
+        (["a.jsonl", "b.jsonl#10"], "custom.anchor.dataset[1]"),
+    ],
+)
+def test_anchor_needs_local_jsonl(tmp_path, gkd, dataset, key_path):
+    gkd["custom"]["anchor"] = {**ANCHOR, "dataset": dataset}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == key_path and "local .jsonl file" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value"),
+    [("template.padding_free", True), ("data.packing", True), ("template.sequence_parallel_size", 2)],
+)
+def test_anchor_needs_padded_batches(tmp_path, gkd, key_path, value):
+    section, key = key_path.split(".")
+    gkd.setdefault(section, {})[key] = value
+    gkd["custom"]["anchor"] = ANCHOR
+    assert any(
+        e.key_path == key_path and "not supported with custom.anchor" in str(e)
+        for e in errors_of(tmp_path, gkd)
+    )
+
+
+def test_anchor_prompts_need_a_teacher(tmp_path, gkd):
+    del gkd["rlhf"]["teacher_model"]
+    gkd["rlhf"]["llm_kd_weight"] = 0.0
+    gkd["custom"]["anchor"] = ANCHOR
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.teacher_model" and "custom.anchor.dataset is set" in str(error)
+
+
+def test_anchor_prompts_generate_with_at_most_one_teacher_adapter(tmp_path, gkd):
+    gkd["rlhf"]["teacher_adapters"] = ["/a", "/b"]
+    gkd["custom"]["anchor"] = ANCHOR
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.teacher_adapters" and "at most one teacher adapter, got 2" in str(error)
+
+
 def test_seq_kd_must_be_a_boolean(tmp_path, gkd):
     gkd["rlhf"]["seq_kd"] = "yes"
     assert only_error(tmp_path, gkd).key_path == "rlhf.seq_kd"
@@ -306,6 +402,10 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_seq_kd_teacher_adapters": "test_seq_kd_teacher_adapters",
         "rule_seq_kd_needs_local_jsonl": "test_seq_kd_needs_local_jsonl",
         "rule_infer_backend_installed": "test_infer_backend_must_be_installed",
+        "rule_anchor_needs_gkd": "test_anchor_needs_gkd",
+        "rule_anchor_needs_gkd_monitor": "test_anchor_needs_gkd_monitor",
+        "rule_anchor_needs_local_jsonl": "test_anchor_needs_local_jsonl",
+        "rule_anchor_needs_padded_batches": "test_anchor_needs_padded_batches",
         "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
         "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
         "rule_cpu_data_parallel_needs_use_cpu": "test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused",

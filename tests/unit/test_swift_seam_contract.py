@@ -82,6 +82,30 @@ def test_gkd_trainer_internals_used_by_the_window_annotation():
     assert "def compute_loss(self, model, inputs" in source(gkd)
 
 
+def test_gkd_hooks_and_sample_fields_the_anchor_prompts_use():
+    """Anchor rows join a buffer in ``_rollout_samples``, are flagged through ``GKDSample.extra`` (an unknown
+    row key lands there, survives the copies, and is never encoded), and are placed in micro-batches by
+    ``split_by_mini_batches``, which ``_prepare_batch_inputs`` calls once with every sample."""
+    import inspect as _inspect
+
+    from swift.dataset import load_dataset
+    from swift.rl_core.data import GKDSample
+
+    gkd = seam.gkd_trainer_base()
+    rollout = gkd._rollout_samples
+    assert list(_inspect.signature(rollout).parameters) == ["self", "inputs"]
+    assert "self.to_samples(inputs)" in source(rollout)
+    assert "self.split_by_mini_batches(samples)" in source(gkd._prepare_batch_inputs)
+    assert "self._rollout_samples(inputs)" in source(gkd._generate_and_score_completions)
+    sample = GKDSample.from_row(
+        {"messages": [{"role": "user", "content": "hi"}], "anchorkd_anchor_row": True}
+    )
+    assert sample.extra == {"anchorkd_anchor_row": True}
+    assert "anchorkd_anchor_row" not in sample.to_template_dict()
+    parameters = _inspect.signature(load_dataset).parameters
+    assert {"split_dataset_ratio", "shuffle", "streaming"} <= set(parameters)
+
+
 def test_gkd_batch_keys_and_data_source():
     from swift.rlhf_trainers.gkd_loss import DataSource
 

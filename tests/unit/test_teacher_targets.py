@@ -186,6 +186,34 @@ def test_without_seq_kd_the_config_is_unchanged(tmp_path, config_dict, fake):
     assert fake.loads == []
 
 
+def test_anchor_prompts_keep_their_answers_and_the_teacher_answers_the_rest(
+    tmp_path, config_dict, data, fake
+):
+    """custom.anchor: a row with an assistant turn is kept byte for byte; a row without one gets the
+    teacher's answer, through the same cache (a second pass generates nothing)."""
+    rows = rows_of(data)
+    anchors = tmp_path / "anchors.jsonl"
+    prompt_only = {**rows[0], "messages": rows[0]["messages"][:-1]}
+    anchors.write_text("".join(json.dumps(r) + "\n" for r in [prompt_only, rows[1]]))
+    config_dict["rlhf"]["seq_kd"] = False
+    config_dict["custom"]["anchor"] = {"dataset": [str(anchors)], "ratio": 0.25}
+    trained = tt.with_teacher_targets(resolve(tmp_path, config_dict), writer=True)
+
+    (target,) = trained.custom.anchor.dataset
+    assert trained.sections["data"]["dataset"] == [str(data)]  # the domain rows keep their answers
+    answered, kept = rows_of(target)
+    assert answered["messages"] == [
+        *prompt_only["messages"],
+        {"role": "assistant", "content": "teacher answer to anchors.jsonl:1"},
+    ]
+    assert answered[tt.PROVENANCE_KEY]["line"] == 1
+    assert kept == rows[1]
+    assert fake.generated == 1 and fake.prompts[0] == (prompt_only["messages"], prompt_only["images"])
+    Path(target).unlink()
+    _, stats = tt.write_teacher_targets(tt.TargetJob.for_anchor_prompts(resolve(tmp_path, config_dict)))
+    assert (stats.rows, stats.kept, stats.cached, stats.generated, fake.generated) == (1, 1, 1, 0, 1)
+
+
 # --- the cache ------------------------------------------------------------------------------------------------
 
 

@@ -225,7 +225,7 @@ def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str])
     if not draft.is_gkd:
         # Other ms-swift RLHF types (dpo, grpo, ...) run through ms-swift's own trainers unchanged.
         mode: RunMode = "rlhf" if draft.rlhf.get("rlhf_type") else "sft"
-    elif weight > 0 or custom.visual_kd.active:
+    elif weight > 0 or custom.visual_kd.active or custom.anchor.active:
         mode = "gkd"
     else:
         logger.info("every KD weight is 0: running plain SFT (teacher not loaded, CE weight 1.0)")
@@ -233,7 +233,7 @@ def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str])
         sections = {**sections, "rlhf": {}}
         if custom.trainer_variant == "gkd_monitor":
             custom = custom.model_copy(update={"trainer_variant": "default"})
-    if draft.knobs.seq_kd and custom.teacher_targets.cache_dir is None:
+    if draft.teacher_writes_targets and custom.teacher_targets.cache_dir is None:
         # Settled here, from the output dir as written: a resume later points output_dir at a run folder.
         cache_dir = default_teacher_targets_dir(sections["training"].get("output_dir"))
         targets = custom.teacher_targets.model_copy(update={"cache_dir": cache_dir})
@@ -333,10 +333,11 @@ def _check_checkpoints(config: ResolvedConfig) -> None:
         _check_checkpoint("rlhf.teacher_model", rlhf.get("teacher_model"))
         for i, adapter in enumerate(rlhf.get("teacher_adapters", []) or []):
             _check_checkpoint(f"rlhf.teacher_adapters[{i}]", adapter)
-        if config.seq_kd and not is_local_reference(rlhf.get("teacher_model") or ""):
+        generates = "seq_kd" if config.seq_kd else "custom.anchor" if config.custom.anchor.active else None
+        if generates and not is_local_reference(rlhf.get("teacher_model") or ""):
             raise ConfigError(
                 "rlhf.teacher_model",
-                "seq_kd generates the targets with a local teacher checkpoint: download it and give its folder",
+                f"{generates} generates the targets with a local teacher checkpoint: download it and give its folder",
             )
 
 

@@ -57,8 +57,17 @@ class ConfigDraft:
         return self.rlhf.get("rlhf_type") == "gkd"
 
     @property
+    def anchor_requested(self) -> bool:
+        return self.custom.anchor.active
+
+    @property
     def kd_requested(self) -> bool:
-        return self.knobs.llm_kd_weight > 0 or self.custom.visual_kd.weight > 0
+        return self.knobs.llm_kd_weight > 0 or self.custom.visual_kd.weight > 0 or self.anchor_requested
+
+    @property
+    def teacher_writes_targets(self) -> bool:
+        """Whether the teacher generates answers before training (seq_kd, or anchor rows without one)."""
+        return self.knobs.seq_kd or (self.is_gkd and self.anchor_requested)
 
     @property
     def uses_gkd_monitor(self) -> bool:
@@ -190,10 +199,15 @@ def rule_teacher_required_for_kd(draft: ConfigDraft) -> None:
     if not draft.is_gkd or not draft.kd_requested:
         return
     if not draft.rlhf.get("teacher_model") and not draft.rlhf.get("teacher_model_server"):
-        which = "rlhf.llm_kd_weight" if draft.knobs.llm_kd_weight > 0 else "custom.visual_kd.weight"
+        if draft.knobs.llm_kd_weight > 0:
+            which = "rlhf.llm_kd_weight > 0"
+        elif draft.custom.visual_kd.weight > 0:
+            which = "custom.visual_kd.weight > 0"
+        else:
+            which = "custom.anchor.dataset is set (anchor rows train on the teacher's distribution)"
         raise ConfigError(
             "rlhf.teacher_model",
-            f"required when {which} > 0: give the frozen teacher checkpoint "
+            f"required when {which}: give the frozen teacher checkpoint "
             "(the base model's path for KL-anchored SFT)",
         )
 
@@ -243,12 +257,13 @@ def rule_seq_kd_needs_local_teacher(draft: ConfigDraft) -> None:
 
 def rule_seq_kd_teacher_adapters(draft: ConfigDraft) -> None:
     adapters = draft.rlhf.get("teacher_adapters") or []
-    if not draft.knobs.seq_kd or not adapters:
+    if not draft.teacher_writes_targets or not adapters:
         return
     if len(adapters) > 1:
         raise ConfigError(
             "rlhf.teacher_adapters",
-            f"seq_kd generates with at most one teacher adapter, got {len(adapters)}: merge them first",
+            "the teacher's answers (seq_kd, anchor prompts) are generated with at most one teacher adapter, "
+            f"got {len(adapters)}: merge them first",
         )
     if draft.custom.teacher_targets.infer_backend == "vllm":
         raise ConfigError(
@@ -277,11 +292,60 @@ def rule_seq_kd_needs_local_jsonl(draft: ConfigDraft) -> None:
 
 def rule_infer_backend_installed(draft: ConfigDraft) -> None:
     backend = draft.custom.teacher_targets.infer_backend
-    if draft.knobs.seq_kd and not infer_backend_installed(backend):
+    if draft.teacher_writes_targets and not infer_backend_installed(backend):
         raise ConfigError(
             "custom.teacher_targets.infer_backend",
             f"{backend} is not installed in this environment: install it, or use transformers",
         )
+
+
+# --- KD-only anchor prompts (custom.anchor) ----------------------------------------------------------------
+
+
+def rule_anchor_needs_gkd(draft: ConfigDraft) -> None:
+    if draft.anchor_requested and not draft.is_gkd:
+        raise ConfigError(
+            "custom.anchor.dataset",
+            "anchor prompts train on the teacher's distribution: set rlhf.rlhf_type: gkd and rlhf.teacher_model",
+        )
+
+
+def rule_anchor_needs_gkd_monitor(draft: ConfigDraft) -> None:
+    if draft.anchor_requested and draft.is_gkd and not draft.uses_gkd_monitor:
+        raise ConfigError(
+            "custom.anchor.dataset",
+            "anchor prompts are mixed into each step by anchorkd's trainer: set custom.trainer_variant: "
+            "gkd_monitor",
+        )
+
+
+def rule_anchor_needs_local_jsonl(draft: ConfigDraft) -> None:
+    """The trainer draws anchor rows itself and the teacher answers the rows without an assistant turn, so
+    the anchor set is made of local JSONL files read whole."""
+    for i, entry in enumerate(draft.custom.anchor.dataset):
+        if not str(entry).endswith(".jsonl"):
+            raise ConfigError(
+                f"custom.anchor.dataset[{i}]",
+                f"must be a local .jsonl file read whole (no hub id, no #N sample count), got {entry!r}",
+            )
+
+
+def rule_anchor_needs_padded_batches(draft: ConfigDraft) -> None:
+    """The trainer tells anchor rows from domain rows by their row in the batch: one row, one sample."""
+    if not draft.anchor_requested:
+        return
+    template, data = draft.sections["template"], draft.sections["data"]
+    for key_path, on in (
+        ("template.padding_free", bool(template.get("padding_free"))),
+        ("data.packing", bool(data.get("packing"))),
+        ("template.sequence_parallel_size", (template.get("sequence_parallel_size") or 1) > 1),
+    ):
+        if on:
+            raise ConfigError(
+                key_path,
+                "not supported with custom.anchor: anchor rows are told apart by their row of the batch, "
+                "which packing, padding-free batches and sequence parallelism merge or split",
+            )
 
 
 # --- processes and devices ----------------------------------------------------------------------------
@@ -341,6 +405,10 @@ RULES: tuple[Rule, ...] = (
     rule_seq_kd_teacher_adapters,
     rule_seq_kd_needs_local_jsonl,
     rule_infer_backend_installed,
+    rule_anchor_needs_gkd,
+    rule_anchor_needs_gkd_monitor,
+    rule_anchor_needs_local_jsonl,
+    rule_anchor_needs_padded_batches,
     rule_teacher_required_for_kd,
     rule_visual_kd_needs_trainable_vision,
     rule_cpu_data_parallel_needs_use_cpu,

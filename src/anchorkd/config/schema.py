@@ -140,6 +140,56 @@ def default_teacher_targets_dir(output_dir: str | None) -> str:
     return str(root / "teacher_targets")
 
 
+def anchor_rows_for(domain_rows: int, ratio: float) -> int:
+    """Anchor rows to add to ``domain_rows`` data-set rows so that they make ``ratio`` of all the rows
+    (rounded to the nearest row, halves up)."""
+    return int(math.floor(domain_rows * ratio / (1 - ratio) + 0.5))
+
+
+class AnchorPromptsConfig(StrictModel):
+    """``custom.anchor``: KD-only anchor prompts mixed into every optimizer step (``trainers/anchor_mix.py``).
+
+    Anchor rows train on the KD term alone (no CE), weighted by ``weight``; ``ratio`` is their share of the
+    rows of each optimizer step. Rows without an assistant turn are answered by the teacher before training.
+    """
+
+    # Local ms-swift JSONL files; empty: no anchor prompts.
+    dataset: list[str] = Field(default_factory=list)
+    weight: float = 1.0
+    ratio: float = 0.25
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def weight_is_positive_number(cls, value):
+        weight = _non_negative_finite_number(value, "anchor.weight")
+        if weight == 0:
+            raise ValueError(
+                "anchor.weight must be > 0; remove custom.anchor to train without anchor prompts"
+            )
+        return weight
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def ratio_in_open_unit_interval(cls, value):
+        ratio = _non_negative_finite_number(value, "anchor.ratio")
+        if not 0 < ratio < 1:
+            raise ValueError(
+                f"anchor.ratio must be in (0, 1) (the anchor rows' share of a step), got {value!r}"
+            )
+        return ratio
+
+    @model_validator(mode="after")
+    def settings_need_a_dataset(self):
+        # An explicit ``dataset: []`` (as a resolved config writes it) turns anchor prompts off.
+        if self.model_fields_set and "dataset" not in self.model_fields_set:
+            raise ValueError("custom.anchor needs dataset: at least one local .jsonl file of anchor prompts")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.dataset)
+
+
 class CustomConfig(StrictModel):
     """The ``custom`` section: anchorkd's trainer and monitoring knobs."""
 
@@ -150,6 +200,7 @@ class CustomConfig(StrictModel):
     kd_chunk_size: Annotated[int, Field(gt=0)] | None = None
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     teacher_targets: TeacherTargetsConfig = Field(default_factory=TeacherTargetsConfig)
+    anchor: AnchorPromptsConfig = Field(default_factory=AnchorPromptsConfig)
 
 
 class AnchorRlhfKnobs(StrictModel):

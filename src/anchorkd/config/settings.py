@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .schema import CustomConfig, MonitorConfig, VisualKDConfig
+from .schema import AnchorPromptsConfig, CustomConfig, MonitorConfig, VisualKDConfig
 
 if TYPE_CHECKING:
     from .loader import ResolvedConfig
@@ -41,6 +41,8 @@ class AnchorSettings(BaseModel):
     teacher_mode: TeacherMode
     # Sequence-level KD: the run trains on the teacher's answers (its data set was rewritten before training).
     seq_kd: bool
+    # KD-only anchor prompts (``custom.anchor``); their files hold an answer on every row by training time.
+    anchor_prompts: AnchorPromptsConfig
 
     @property
     def lm_kd_active(self) -> bool:
@@ -51,8 +53,12 @@ class AnchorSettings(BaseModel):
         return self.mode == "gkd" and self.visual_kd.active
 
     @property
+    def anchor_prompts_active(self) -> bool:
+        return self.mode == "gkd" and self.anchor_prompts.active
+
+    @property
     def kd_active(self) -> bool:
-        return self.lm_kd_active or self.visual_kd_active
+        return self.lm_kd_active or self.visual_kd_active or self.anchor_prompts_active
 
     @classmethod
     def from_config(cls, config: ResolvedConfig, teacher_mode: TeacherMode) -> AnchorSettings:
@@ -67,6 +73,7 @@ class AnchorSettings(BaseModel):
             monitor=custom.monitor,
             teacher_mode=teacher_mode,
             seq_kd=config.seq_kd,
+            anchor_prompts=custom.anchor,
         )
 
 

@@ -14,6 +14,9 @@ Rules:
     goes below ``kd_spike_min_threshold``: the KL starts at ~0 (the student *is* the anchor at step 0)
     and its early, harmless growth from 1e-5 to 1e-3 would otherwise look like a series of spikes.
     Fires on every logged step that is above the threshold.
+``anchor_kd_loss_spike``
+    The same rule, with the same thresholds and its own history, on the KD term of the anchor prompts
+    (``custom.anchor``): the student leaving the teacher on the prompts it should keep answering as before.
 ``sft_loss_regression``
     The mean ``sft_loss`` of the last ``sft_regression_window`` logged values exceeds the mean of the
     window before it by more than ``sft_regression_tolerance`` (relative): the task loss is going up,
@@ -44,10 +47,13 @@ from anchorkd.config.schema import AlertConfig
 from anchorkd.io import real_number
 
 KD_METRIC = "llm_kd_loss"
+ANCHOR_KD_METRIC = "anchor_kd_loss"
 SFT_METRIC = "sft_loss"
 TRAIN_PREFIX = "train/"
+# Each KD term watched for spikes, with the rule that fires on it.
+SPIKE_RULES = {KD_METRIC: "llm_kd_loss_spike", ANCHOR_KD_METRIC: "anchor_kd_loss_spike"}
 
-AlertRule = Literal["llm_kd_loss_spike", "sft_loss_regression", "nonfinite"]
+AlertRule = Literal["llm_kd_loss_spike", "anchor_kd_loss_spike", "sft_loss_regression", "nonfinite"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,9 @@ class AlertMonitor:
 
     def __init__(self, config: AlertConfig | None = None) -> None:
         self.config = config or AlertConfig()
-        self._kd_history: deque[float] = deque(maxlen=self.config.kd_spike_window)
+        self._kd_history: dict[str, deque[float]] = {
+            metric: deque(maxlen=self.config.kd_spike_window) for metric in SPIKE_RULES
+        }
         self._sft_history: deque[float] = deque(maxlen=2 * self.config.sft_regression_window)
         self._sft_regressing = False
 
@@ -96,24 +104,26 @@ class AlertMonitor:
                         step, "nonfinite", name, value, None, f"step {step}: {name} is {value} (not finite)"
                     )
                 )
-        if KD_METRIC in finite:
-            alerts.extend(self._check_kd_spike(step, finite[KD_METRIC]))
+        for metric in SPIKE_RULES:
+            if metric in finite:
+                alerts.extend(self._check_kd_spike(step, metric, finite[metric]))
         if SFT_METRIC in finite:
             alerts.extend(self._check_sft_regression(step, finite[SFT_METRIC]))
         return alerts
 
-    def _check_kd_spike(self, step: int, value: float) -> list[Alert]:
+    def _check_kd_spike(self, step: int, metric: str, value: float) -> list[Alert]:
         alerts = []
-        if len(self._kd_history) >= self.config.kd_spike_min_history:
-            median = statistics.median(self._kd_history)
+        history = self._kd_history[metric]
+        if len(history) >= self.config.kd_spike_min_history:
+            median = statistics.median(history)
             threshold = max(self.config.kd_spike_factor * median, self.config.kd_spike_min_threshold)
             if value > threshold:
                 message = (
-                    f"step {step}: {KD_METRIC} {value:.4g} > {self.config.kd_spike_factor:g} x running median "
-                    f"{median:.4g} of the last {len(self._kd_history)} values (threshold {threshold:.4g})"
+                    f"step {step}: {metric} {value:.4g} > {self.config.kd_spike_factor:g} x running median "
+                    f"{median:.4g} of the last {len(history)} values (threshold {threshold:.4g})"
                 )
-                alerts.append(Alert(step, "llm_kd_loss_spike", KD_METRIC, value, threshold, message))
-        self._kd_history.append(value)
+                alerts.append(Alert(step, SPIKE_RULES[metric], metric, value, threshold, message))
+        history.append(value)
         return alerts
 
     def _check_sft_regression(self, step: int, value: float) -> list[Alert]:

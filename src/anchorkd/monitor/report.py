@@ -47,9 +47,14 @@ RUN_MESSAGE_MARKER = "last_model_checkpoint"
 RUN_END_MARKERS = (SUMMARY_MARKER, RUN_MESSAGE_MARKER)
 METRIC_ALIASES = {"token_acc": "token_accuracy"}
 # Plot order: the terms that make up the KL-anchored objective first, then any other loss, then accuracy.
-PREFERRED_TERM_ORDER = ("loss", "sft_loss", "llm_kd_loss", "vision_kd_loss")
+PREFERRED_TERM_ORDER = ("loss", "sft_loss", "llm_kd_loss", "anchor_kd_loss", "vision_kd_loss")
 ACCURACY_TERM = "token_accuracy"
-ALERT_COLORS = {"llm_kd_loss_spike": "#C44E52", "sft_loss_regression": "#8172B3", "nonfinite": "#000000"}
+ALERT_COLORS = {
+    "llm_kd_loss_spike": "#C44E52",
+    "anchor_kd_loss_spike": "#DD8452",
+    "sft_loss_regression": "#8172B3",
+    "nonfinite": "#000000",
+}
 
 Split = Literal["train", "eval", "summary"]
 

@@ -7,9 +7,17 @@ in TensorBoard-style sinks; evaluation values carry HF's ``eval_`` prefix in ``l
 from __future__ import annotations
 
 # Terms the GKD trainer computes; "loss" itself is logged by the HF Trainer from the returned loss.
-METRIC_NAMES = ("sft_loss", "llm_kd_loss", "vision_kd_loss", "token_accuracy", "token_count")
+# ``llm_kd_loss`` covers the domain rows; ``anchor_kd_loss`` the KD-only anchor rows (``custom.anchor``).
+METRIC_NAMES = (
+    "sft_loss",
+    "llm_kd_loss",
+    "anchor_kd_loss",
+    "vision_kd_loss",
+    "token_accuracy",
+    "token_count",
+)
 # Divergences and distances: never negative in exact arithmetic, so rounding noise is not shown as such.
-NON_NEGATIVE_TERMS = frozenset({"llm_kd_loss", "vision_kd_loss"})
+NON_NEGATIVE_TERMS = frozenset({"llm_kd_loss", "anchor_kd_loss", "vision_kd_loss"})
 # anchorkd's terms keep significant digits in logging.jsonl: ms-swift rounds every float to 8 decimals,
 # which prints an active 1e-9 KD term as 0.0. (``loss`` keeps ms-swift's rounding: it holds the CE.)
 PRECISE_TERMS = frozenset(METRIC_NAMES)

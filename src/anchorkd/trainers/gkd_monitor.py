@@ -5,9 +5,12 @@ Loss per micro-batch (spec 003/004), with ``w = rlhf.llm_kd_weight``:
 - ``w == 0``: ``loss = 1.0 * ce (+ visual_kd.weight * visual)``; the LM-head KD branch is skipped and,
   without visual KD, the teacher never runs.
 With ``w = 1`` and visual KD off, the value is the one stock ms-swift GKD computes on the same batch.
+With anchor prompts (``custom.anchor``) the trainer adds anchor rows to every generation buffer
+(``anchor_mix.py``) and flags them per row; they add ``anchor.weight * anchor_jsd`` and no CE
+(``anchorkd.losses.anchor``), and the domain terms above cover the domain rows only.
 
 Normalisation: every token term is ``sum over supervised positions / supervised positions of the whole
-accumulation window``, so a batch of 4 in one step and the same 4 samples as 2 x 2 accumulated give the
+accumulation window`` (of its own kind of row: domain or anchor), so a batch of 4 in one step and the same 4 samples as 2 x 2 accumulated give the
 same loss and gradients (stock GKD averages per-micro-batch means instead).
 
 The math lives in ``anchorkd.losses``; this class gathers inputs (hidden states from hooks, teacher
@@ -26,10 +29,12 @@ import torch
 from .. import swift_seam as seam
 from ..config.settings import AnchorSettings
 from ..errors import ConfigError
+from ..losses.anchor import fused_anchored_ce_jsd, reference_anchored_ce_jsd, supervised_counts
 from ..losses.fused import fused_ce_jsd
 from ..losses.jsd import IGNORE_INDEX, generalized_jsd, masked_ce
 from ..losses.visual import visual_kd_loss
 from ..monitor.terms import METRIC_NAMES
+from .anchor_mix import AnchorMixer, interleave
 from .features import (
     STUDENT,
     TEACHER,
@@ -48,6 +53,11 @@ BODY = "body"
 TEACHER_HEAD = "teacher_lm_head"
 _WINDOW_TOKENS = "anchorkd_window_tokens"
 _WINDOW_VISUAL_TOKENS = "anchorkd_window_visual_tokens"
+_WINDOW_ANCHOR_TOKENS = "anchorkd_window_anchor_tokens"
+# Per-row flags of a micro-batch: [B] bool, True for anchor rows (set by this trainer, never by ms-swift).
+ANCHOR_ROWS = "anchorkd_anchor_rows"
+# The key that marks a drawn anchor row through ms-swift's sample building (it lands in GKDSample.extra).
+ANCHOR_ROW_FLAG = "anchorkd_anchor_row"
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -59,6 +69,11 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def supervised_tokens(model_inputs: dict) -> int:
     return int((shift_labels(model_inputs["labels"]) != IGNORE_INDEX).sum())
+
+
+def batch_token_counts(batch: dict) -> tuple[int, int]:
+    """``(domain, anchor)`` supervised tokens of a prepared micro-batch."""
+    return supervised_counts(shift_labels(batch[seam.MODEL_INPUTS]["labels"]), batch.get(ANCHOR_ROWS))
 
 
 def visual_tokens(model_inputs: dict, merge_size: int) -> int:
@@ -73,12 +88,16 @@ def visual_tokens(model_inputs: dict, merge_size: int) -> int:
 class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
     """Subclass of ms-swift's ``GKDTrainer`` (no ms-swift file is changed).
 
-    ``anchor_settings`` (``RunSettings.anchor``) carries every anchorkd knob; the pipeline passes it.
+    ``anchor_settings`` (``RunSettings.anchor``) carries every anchorkd knob; the pipeline passes it, and
+    ``anchor_rows`` (the anchor prompts as ms-swift loads a data set) when ``custom.anchor`` is set.
     """
 
-    def __init__(self, model=None, *args, anchor_settings: AnchorSettings, **kwargs):
+    def __init__(self, model=None, *args, anchor_settings: AnchorSettings, anchor_rows=None, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.anchor = anchor_settings
+        self._anchor_rows = anchor_rows
+        self._anchor_mixer = self._make_anchor_mixer()
+        self._pending_anchor_flags: list[list[bool]] | None = None
         # Our loss is already normalised over the accumulation window; HF must not divide it again.
         self.loss_is_scaled_for_ga = True
         self._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -89,6 +108,34 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         self._warn_forward_only_knobs()
 
     # --- set-up --------------------------------------------------------------------------------
+
+    def _make_anchor_mixer(self) -> AnchorMixer | None:
+        if not self.anchor.anchor_prompts_active:
+            return None
+        if self._anchor_rows is None or len(self._anchor_rows) == 0:
+            raise ConfigError(
+                "custom.anchor.dataset",
+                "the anchor prompts were not loaded: build trainers through anchorkd's pipeline",
+            )
+        rows_per_buffer = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        mixer = AnchorMixer.for_step(
+            len(self._anchor_rows),
+            self.anchor.anchor_prompts.ratio,
+            rows_per_buffer,
+            int(self.args.seed),
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+        )
+        logger.info(
+            "anchor prompts: %d anchor rows + %d data-set rows per rank and generation buffer (share %.3f, "
+            "custom.anchor.ratio %g), drawn from %d anchor rows",
+            mixer.per_buffer,
+            rows_per_buffer,
+            mixer.share(rows_per_buffer),
+            self.anchor.anchor_prompts.ratio,
+            len(self._anchor_rows),
+        )
+        return mixer
 
     def _check_matches_settings(self) -> None:
         """The rules (``anchorkd.config.rules``) refused every unsupported combination before any model
@@ -128,8 +175,8 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
     def _warn_forward_only_knobs(self) -> None:
         if self.lmbda == 0:
             length = (
-                "max_completion_length limits only the teacher's answers (seq_kd), and"
-                if self.anchor.seq_kd
+                "max_completion_length limits only the teacher's answers (seq_kd, anchor prompts), and"
+                if self.anchor.seq_kd or self.anchor.anchor_prompts_active
                 else "max_completion_length and"
             )
             logger.warning(
@@ -151,6 +198,38 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
             self._annotate_buffer(seam.generation_buffer(self))
         return batch
 
+    # --- anchor rows: drawn per generation buffer, flagged per row ------------------------------------
+
+    def _rollout_samples(self, inputs):
+        """ms-swift's sample building (and, with probability lmbda, student sampling) over the buffer's
+        data-set rows plus its anchor rows."""
+        if self._anchor_mixer is not None and self.model.training:
+            buffer_index = seam.micro_batch_counter(self) // self.args.steps_per_generation
+            drawn = [
+                {**self._anchor_rows[i], ANCHOR_ROW_FLAG: True} for i in self._anchor_mixer.draw(buffer_index)
+            ]
+            inputs = [*inputs, *drawn]
+        return super()._rollout_samples(inputs)
+
+    def split_by_mini_batches(self, samples):
+        """ms-swift's split of the data-set rows into micro-batches, each followed by its anchor rows."""
+        anchors = [s for s in samples if s.extra.get(ANCHOR_ROW_FLAG)]
+        if not anchors:
+            return super().split_by_mini_batches(samples)
+        domain = [s for s in samples if not s.extra.get(ANCHOR_ROW_FLAG)]
+        chunks, self._pending_anchor_flags = interleave(super().split_by_mini_batches(domain), anchors)
+        return chunks
+
+    def _prepare_batch_inputs(self, samples):
+        self._pending_anchor_flags = None
+        batches = super()._prepare_batch_inputs(samples)
+        flags, self._pending_anchor_flags = self._pending_anchor_flags, None
+        if flags is not None:
+            for batch, row_flags in zip(batches, flags, strict=True):
+                device = batch[seam.MODEL_INPUTS]["labels"].device
+                batch[ANCHOR_ROWS] = torch.tensor(row_flags, dtype=torch.bool, device=device)
+        return batches
+
     def _annotate_buffer(self, buffer: list[dict]) -> None:
         accumulation = self.args.gradient_accumulation_steps
         if len(buffer) % accumulation == 0:
@@ -163,16 +242,22 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
             self._annotate_window([batch], scale=accumulation, across_ranks=True)
 
     def _annotate_window(self, window: list[dict], scale: int = 1, across_ranks: bool = False) -> None:
-        """Token counts of the accumulation window that every token term is divided by. Training windows
+        """Token counts of the accumulation window that every token term is divided by (domain and anchor
+        rows apart: each kind of term by its own rows' tokens). Training windows
         count every rank's tokens (one all-reduce), and ``compute_loss`` multiplies by the number of ranks:
         after the engine averages gradients over ranks, 2 ranks x batch 2 train exactly as 1 x batch 4."""
         merge = self._spatial_merge_size()
-        tokens = sum(supervised_tokens(b[seam.MODEL_INPUTS]) for b in window) * scale
+        counts = [batch_token_counts(b) for b in window]
+        tokens = sum(domain for domain, _ in counts) * scale
+        anchor_tokens = sum(anchor for _, anchor in counts) * scale
         vis_tokens = sum(visual_tokens(b[seam.MODEL_INPUTS], merge) for b in window) * scale
         if across_ranks:
-            tokens, vis_tokens = global_window_tokens([tokens, vis_tokens], self.accelerator.device)
+            tokens, anchor_tokens, vis_tokens = global_window_tokens(
+                [tokens, anchor_tokens, vis_tokens], self.accelerator.device
+            )
         for batch in window:
             batch[_WINDOW_TOKENS] = tokens
+            batch[_WINDOW_ANCHOR_TOKENS] = anchor_tokens
             batch[_WINDOW_VISUAL_TOKENS] = vis_tokens
 
     def _spatial_merge_size(self) -> int:
@@ -188,32 +273,51 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         if self.anchor.kd_active:
             self._check_teacher_alignment(model_inputs, inputs[seam.TEACHER_INPUTS])
         labels = shift_labels(model_inputs["labels"])
-        micro_tokens = int((labels != IGNORE_INDEX).sum())
+        anchor_rows = inputs.get(ANCHOR_ROWS)
+        micro_tokens, micro_anchor_tokens = supervised_counts(labels, anchor_rows)
         window_tokens = max(int(inputs.get(_WINDOW_TOKENS, micro_tokens)), 1)
+        window_anchor_tokens = max(int(inputs.get(_WINDOW_ANCHOR_TOKENS, micro_anchor_tokens)), 1)
         from_dataset = seam.batch_from_dataset(inputs)
         lm_kd = self.anchor.llm_kd_weight > 0
+        anchored = self.anchor.anchor_prompts_active
         ce_weight = (self.args.sft_alpha if lm_kd else 1.0) if from_dataset else 0.0
         fused = self.anchor.kd_loss_impl == "fused"
+        windows = (window_tokens, window_anchor_tokens)
 
         forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
         with self._capture.role(STUDENT) as student_features:
             outputs = model(**forward_inputs, **({"logits_to_keep": 1} if fused else {}))
         teacher_features: dict[str, torch.Tensor] = {}
-        if lm_kd or self.visual_kd.active:
+        # Decided by the settings, not by the micro-batch, so every rank runs the same forwards (ZeRO-3
+        # gathers parameters collectively inside them).
+        need_lm = lm_kd or anchored
+        if need_lm or self.visual_kd.active:
             teacher_inputs = {k: v for k, v in inputs[seam.TEACHER_INPUTS].items() if k != "labels"}
-            teacher_features = self._run_teacher_forward(model, teacher_inputs, need_lm=lm_kd, fused=fused)
+            teacher_features = self._run_teacher_forward(model, teacher_inputs, need_lm=need_lm, fused=fused)
 
         if fused:
-            terms = self._fused_terms(model, student_features, teacher_features, labels, window_tokens, lm_kd)
+            terms = self._fused_terms(
+                model, student_features, teacher_features, labels, anchor_rows, windows, lm_kd
+            )
         else:
-            terms = self._reference_terms(outputs, teacher_features, labels, window_tokens, lm_kd)
-        ce, jsd, correct = terms
+            terms = self._reference_terms(outputs, teacher_features, labels, anchor_rows, windows, lm_kd)
+        ce, jsd, anchor_jsd, correct = terms
 
         loss = ce_weight * ce
         micro_metrics = {"sft_loss": ce_weight * ce.detach()}
         if lm_kd:
             loss = loss + self.anchor.llm_kd_weight * jsd
             micro_metrics["llm_kd_loss"] = self.anchor.llm_kd_weight * jsd.detach()
+        if anchored:
+            anchor_weight = self.anchor.anchor_prompts.weight
+            loss = loss + anchor_weight * anchor_jsd
+            if micro_anchor_tokens:
+                self._record_value(
+                    mode,
+                    "anchor_kd_loss",
+                    anchor_weight * float(anchor_jsd.detach()) * window_anchor_tokens / micro_anchor_tokens,
+                    micro_anchor_tokens,
+                )
         visual = self._visual_term(student_features, teacher_features, model_inputs, inputs)
         if visual is not None:
             visual_mean, window_share, micro_visual_tokens = visual
@@ -222,7 +326,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 mode, "vision_kd_loss", self.visual_kd.weight * visual_mean.detach(), micro_visual_tokens
             )
         self._capture.clear()
-        self._record(mode, micro_metrics, micro_tokens, window_tokens, correct)
+        self._record(mode, micro_metrics, micro_tokens, window_tokens, correct, micro_anchor_tokens)
         if self.model.training:
             loss = loss * ddp_loss_scale()
         if return_outputs:
@@ -296,20 +400,43 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 teacher_inputs["pixel_values_videos"], teacher_inputs.get("video_grid_thw")
             )
 
-    def _fused_terms(self, model, student_features, teacher_features, labels, window_tokens, lm_kd):
+    def _fused_terms(self, model, student_features, teacher_features, labels, anchor_rows, windows, lm_kd):
+        """(domain CE, domain JSD, anchor JSD, correct domain tokens) from hidden states."""
+        anchored = self.anchor.anchor_prompts_active
+        need_teacher = lm_kd or anchored
         student_model = self.accelerator.unwrap_model(model)
         weight, bias = lm_head_weight(find_lm_head(student_model))
         teacher_weight = teacher_bias = None
-        if lm_kd and TEACHER_HEAD in teacher_features:  # offloaded teacher: the copy made on the device
+        if (
+            need_teacher and TEACHER_HEAD in teacher_features
+        ):  # offloaded teacher: the copy made on the device
             teacher_weight, teacher_bias = teacher_features[TEACHER_HEAD]
-        elif lm_kd:
+        elif need_teacher:
             teacher_model = self.teacher_model if self.teacher_model is not None else student_model
             teacher_head = find_lm_head(self.accelerator.unwrap_model(teacher_model))
             teacher_weight, teacher_bias = lm_head_weight(teacher_head, use_base=self.teacher_model is None)
         # Under ZeRO-3 / FSDP full-shard the heads hold only a shard after the forward: gather them for
         # the loss (a gradient still reaches the student's shard when its head trains).
+        chunk = {"chunk_size": self.anchor.kd_chunk_size} if self.anchor.kd_chunk_size else {}
         with gathered_params([weight, bias, teacher_weight, teacher_bias]) as heads:
             weight, bias, teacher_weight, teacher_bias = heads
+            if anchored:
+                return fused_anchored_ce_jsd(
+                    student_features[BODY],
+                    weight,
+                    labels,
+                    anchor_rows,
+                    teacher_features[BODY],
+                    teacher_weight,
+                    beta=self.beta,
+                    temperature=self.temperature,
+                    domain_items=windows[0],
+                    anchor_items=windows[1],
+                    domain_jsd=lm_kd,
+                    student_lm_head_bias=bias,
+                    teacher_lm_head_bias=teacher_bias,
+                    **chunk,
+                )
             result = fused_ce_jsd(
                 student_features[BODY],
                 weight,
@@ -318,17 +445,30 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 teacher_weight,
                 beta=self.beta,
                 temperature=self.temperature,
-                **({"chunk_size": self.anchor.kd_chunk_size} if self.anchor.kd_chunk_size else {}),
-                num_items=window_tokens,
+                **chunk,
+                num_items=windows[0],
                 compute_ce=True,
                 compute_jsd=lm_kd,
                 student_lm_head_bias=bias,
                 teacher_lm_head_bias=teacher_bias,
             )
-        return result.ce, result.jsd, int(result.correct_tokens)
+        return result.ce, result.jsd, result.jsd.new_zeros(()), int(result.correct_tokens)
 
-    def _reference_terms(self, outputs, teacher_features, labels, window_tokens, lm_kd):
+    def _reference_terms(self, outputs, teacher_features, labels, anchor_rows, windows, lm_kd):
         logits = outputs.logits
+        window_tokens = windows[0]
+        if self.anchor.anchor_prompts_active:
+            return reference_anchored_ce_jsd(
+                logits,
+                teacher_features["logits"],
+                labels,
+                anchor_rows,
+                beta=self.beta,
+                temperature=self.temperature,
+                domain_items=window_tokens,
+                anchor_items=windows[1],
+                domain_jsd=lm_kd,
+            )
         ce = masked_ce(logits, labels, num_items=window_tokens)
         if lm_kd:
             jsd = generalized_jsd(
@@ -343,7 +483,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
             jsd = logits.new_zeros((), dtype=torch.float32)
         valid = labels != IGNORE_INDEX
         correct = int((logits.argmax(-1)[valid] == labels[valid]).sum())
-        return ce, jsd, correct
+        return ce, jsd, jsd.new_zeros(()), correct
 
     def _visual_term(self, student_features, teacher_features, model_inputs, inputs):
         """(per-token mean distance, this micro-batch's share of the window's visual tokens, its tokens)."""
@@ -366,13 +506,22 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
 
     # --- telemetry ----------------------------------------------------------------------------------
 
-    def _record(self, mode: str, micro_metrics: dict, micro_tokens: int, window_tokens: int, correct: int):
-        """Store per-micro-batch values; token terms are converted back to this micro-batch's mean."""
+    def _record(
+        self,
+        mode: str,
+        micro_metrics: dict,
+        micro_tokens: int,
+        window_tokens: int,
+        correct: int,
+        anchor_tokens: int = 0,
+    ):
+        """Store per-micro-batch values; token terms are converted back to this micro-batch's mean.
+        ``token_count`` counts every supervised token, anchor rows' included."""
         to_micro_mean = window_tokens / max(micro_tokens, 1)
         for name, value in micro_metrics.items():
             self._record_value(mode, name, float(value) * to_micro_mean, micro_tokens)
         self._record_value(mode, "token_accuracy", correct / max(micro_tokens, 1), micro_tokens)
-        seam.metric_store(self)[mode]["token_count"].append(float(micro_tokens))
+        seam.metric_store(self)[mode]["token_count"].append(float(micro_tokens + anchor_tokens))
 
     def _record_value(self, mode: str, name: str, value, weight: int) -> None:
         """Append one micro-batch value with its averaging weight; warn once per term and step on NaN/Inf."""

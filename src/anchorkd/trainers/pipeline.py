@@ -2,7 +2,8 @@
 
 ms-swift's own pipelines (``SwiftSft`` / ``SwiftRLHF``) run unchanged; anchorkd plugs in through their
 extension points: the trainer class is registered in ms-swift's trainer table for the run
-(``resolve_trainer_cls``), ``_get_trainer_kwargs`` hands the trainer its ``AnchorSettings``, and
+(``resolve_trainer_cls``), ``_get_trainer_kwargs`` hands the trainer its ``AnchorSettings`` (and the
+anchor prompts of ``custom.anchor``, loaded by ms-swift's data loader), and
 ``train`` installs anchorkd's callbacks (live alerts, precise telemetry) before training starts. Model
 loading, templates, datasets, LoRA, checkpointing and distributed launch are ms-swift's.
 """
@@ -66,7 +67,11 @@ def _pipeline_classes():
             from .gkd_monitor import GKDTrainerWithMetrics
 
             if issubclass(self._trainer_cls, GKDTrainerWithMetrics):
-                kwargs["anchor_settings"] = self.run_settings.anchor
+                anchor = self.run_settings.anchor
+                kwargs["anchor_settings"] = anchor
+                if anchor.anchor_prompts_active:
+                    # Loaded like data.dataset (ms-swift's row format), drawn by the trainer itself.
+                    kwargs["anchor_rows"] = seam.load_rows(self.args, anchor.anchor_prompts.dataset)
             return kwargs
 
         def train(self, trainer):
@@ -105,7 +110,7 @@ def build_pipeline(settings: RunSettings):
 def settings_for_run(config: ResolvedConfig, *, writer: bool | None = None) -> RunSettings:
     """ms-swift's arguments and anchorkd's settings for a checked config. With ``rlhf.seq_kd: true`` the
     data set is first rewritten with the teacher's answers (made by the writer rank, or read from the cache),
-    so ms-swift trains on those."""
+    so ms-swift trains on those; anchor prompts without an answer get the teacher's the same way."""
     from ..config import ConfigLoader
     from .teacher_targets import with_teacher_targets
 

@@ -8,6 +8,10 @@ template settings), and the answer replaces the row's final assistant turn in a 
 the run trains on. CE and the JSD positions then come from the teacher's sequence; with ``lmbda > 0``
 ms-swift's GKD still trains on student samples with probability ``lmbda`` (TRL's precedence).
 
+The anchor prompts of ``custom.anchor`` go through the same machinery and cache with ``keep_answers``:
+a row that ends with an assistant turn keeps it, and only the others get the teacher's answer, so that
+every anchor row has a target sequence before training (``TargetJob.for_anchor_prompts``).
+
 The cache (``custom.teacher_targets.cache_dir``, default ``teacher_targets`` in the parent of the
 output dir as written: ``config.schema.default_teacher_targets_dir``) keeps every answer, so none is generated twice across epochs, ranks, resumed runs or runs that
 share prompts::
@@ -91,13 +95,26 @@ class GenerationSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TargetJob:
-    """Which files to rewrite, with which teacher and settings, into which cache."""
+    """Which files to rewrite, with which teacher and settings, into which cache.
+
+    ``keep_answers``: rows that already end with an assistant turn keep it, and only the others are
+    answered by the teacher (the anchor prompts of ``custom.anchor``); otherwise every row's answer is
+    replaced (``seq_kd``).
+    """
 
     teacher: Teacher
     settings: GenerationSettings
     batch_size: int
     cache_dir: Path
     sources: tuple[Path, ...]
+    keep_answers: bool = False
+
+    @classmethod
+    def for_anchor_prompts(cls, config: ResolvedConfig) -> TargetJob:
+        """The job that gives every anchor prompt of ``custom.anchor.dataset`` an answer: its own, or the
+        teacher's."""
+        sources = tuple(Path(entry).expanduser().resolve() for entry in config.custom.anchor.dataset)
+        return dataclasses.replace(cls.from_config(config), sources=sources, keep_answers=True)
 
     @classmethod
     def from_config(cls, config: ResolvedConfig) -> TargetJob:
@@ -137,9 +154,11 @@ class TargetJob:
 
 @dataclasses.dataclass
 class TargetStats:
-    """What one pass did: rows seen, answers generated, answers taken from the cache, data files reused."""
+    """What one pass did: rows the teacher answers, rows that keep their own answer (anchor prompts), answers
+    generated, answers taken from the cache, data files reused."""
 
     rows: int = 0
+    kept: int = 0
     generated: int = 0
     cached: int = 0
     truncated: int = 0
@@ -230,6 +249,8 @@ def target_file(job: TargetJob, source: Path, fingerprint: str) -> Path:
         "teacher": fingerprint,
         "settings": job.settings.describe(job.teacher),
     }
+    if job.keep_answers:  # only then: seq_kd's content addresses stay as they were
+        identity["keep_answers"] = True
     return job.cache_dir / DATASETS_DIR / f"{source.stem}-{sha256_bytes(_canonical(identity))[:16]}.jsonl"
 
 
@@ -238,16 +259,29 @@ def target_file(job: TargetJob, source: Path, fingerprint: str) -> Path:
 
 @dataclasses.dataclass
 class _Row:
+    """One data row; ``key`` None for a row that keeps its own answer (nothing to generate)."""
+
     record: dict[str, Any]
-    sample: EvalSample
-    key: str
+    sample: EvalSample | None
+    key: str | None
 
 
-def _read_rows(source: Path, fingerprint: str, settings: dict[str, Any]) -> list[_Row]:
+def has_answer(record: dict[str, Any]) -> bool:
+    """Whether a row ends with an assistant turn (the answer a KD-only anchor row trains on)."""
+    messages = record.get("messages") or []
+    return bool(messages) and messages[-1].get("role") in ("assistant", "gpt", "bot")
+
+
+def _read_rows(
+    source: Path, fingerprint: str, settings: dict[str, Any], keep_answers: bool = False
+) -> list[_Row]:
     from ..data.validate import read_jsonl_records
 
     rows = []
     for line_no, record in read_jsonl_records(source):
+        if keep_answers and has_answer(record):
+            rows.append(_Row(record, None, None))
+            continue
         unsupported = [key for key in UNSUPPORTED_ROW_KEYS if record.get(key)]
         if unsupported:
             raise DataError(
@@ -332,11 +366,13 @@ def write_teacher_targets(job: TargetJob) -> tuple[dict[Path, Path], TargetStats
         if destination.is_file():
             stats.files_reused += 1
             continue
-        pending[source] = _read_rows(source, fingerprint, settings)
+        pending[source] = _read_rows(source, fingerprint, settings, job.keep_answers)
     unique: dict[str, _Row] = {}
     for rows in pending.values():
-        stats.rows += len(rows)
-        for row in rows:
+        answered = [row for row in rows if row.key is not None]
+        stats.rows += len(answered)
+        stats.kept += len(rows) - len(answered)
+        for row in answered:
             if row.key not in unique and not _row_path(job.cache_dir, row.key).is_file():
                 unique[row.key] = row
     stats.cached = stats.rows - len(unique)
@@ -352,11 +388,18 @@ def write_teacher_targets(job: TargetJob) -> tuple[dict[Path, Path], TargetStats
         "generation": settings,
     }
     for source, rows in pending.items():
-        answers = [read_json_object(_row_path(job.cache_dir, row.key)) for row in rows]
-        stats.truncated += sum(answer["finish_reason"] == "length" for answer in answers)
+        answers = [
+            None if row.key is None else read_json_object(_row_path(job.cache_dir, row.key)) for row in rows
+        ]
+        stats.truncated += sum(
+            answer is not None and answer["finish_reason"] == "length" for answer in answers
+        )
         write_jsonl(
             destinations[source],
-            (_target_record(row, answer, provenance) for row, answer in zip(rows, answers, strict=True)),
+            (
+                row.record if answer is None else _target_record(row, answer, provenance)
+                for row, answer in zip(rows, answers, strict=True)
+            ),
         )
     _log_stats(stats, job)
     return destinations, stats
@@ -364,9 +407,10 @@ def write_teacher_targets(job: TargetJob) -> tuple[dict[Path, Path], TargetStats
 
 def _log_stats(stats: TargetStats, job: TargetJob) -> None:
     logger.info(
-        "teacher targets: %d rows read, %d answers generated (%.1f s), %d from the cache, %d data files reused; "
-        "cache %s",
+        "teacher targets: %d rows to answer (%d keep their own answer), %d answers generated (%.1f s), "
+        "%d from the cache, %d data files reused; cache %s",
         stats.rows,
+        stats.kept,
         stats.generated,
         stats.seconds_generating,
         stats.cached,
@@ -401,24 +445,36 @@ def wait_for_files(
 def with_teacher_targets(
     config: ResolvedConfig, *, writer: bool, wait: Callable[[Sequence[Path]], None] = wait_for_files
 ) -> ResolvedConfig:
-    """``config`` training on the teacher's answers instead of its data set's (unchanged without seq_kd).
+    """``config`` training on the teacher's answers instead of its data set's (``seq_kd``), and with anchor
+    prompts that all have an answer (``custom.anchor``: rows without one get the teacher's); unchanged
+    without either.
 
     The writer rank makes (or reuses) the files; every other rank waits for the same content-addressed
     paths, which it computes itself (the fingerprint memo makes that cheap after the first run).
     """
-    if not config.seq_kd:
-        return config
-    job = TargetJob.from_config(config)
+    if config.seq_kd:
+        files = _target_files(TargetJob.from_config(config), writer, wait)
+        data = {**config.sections["data"], "dataset": [str(path) for path in files]}
+        logger.info("seq_kd: training on the teacher's answers in %s", [str(path) for path in files])
+        config = dataclasses.replace(config, sections={**config.sections, "data": data})
+    if config.mode == "gkd" and config.custom.anchor.active:
+        files = _target_files(TargetJob.for_anchor_prompts(config), writer, wait)
+        anchor = config.custom.anchor.model_copy(update={"dataset": [str(path) for path in files]})
+        logger.info(
+            "anchor prompts: every row answered (its own answer or the teacher's) in %s", anchor.dataset
+        )
+        config = dataclasses.replace(config, custom=config.custom.model_copy(update={"anchor": anchor}))
+    return config
+
+
+def _target_files(job: TargetJob, writer: bool, wait: Callable[[Sequence[Path]], None]) -> list[Path]:
     if writer:
         destinations, _ = write_teacher_targets(job)
-        files = [destinations[source] for source in job.sources]
-    else:
-        fingerprint = teacher_fingerprint(job.teacher, job.cache_dir)
-        files = [target_file(job, source, fingerprint) for source in job.sources]
-        wait(files)
-    data = {**config.sections["data"], "dataset": [str(path) for path in files]}
-    logger.info("seq_kd: training on the teacher's answers in %s", [str(path) for path in files])
-    return dataclasses.replace(config, sections={**config.sections, "data": data})
+        return [destinations[source] for source in job.sources]
+    fingerprint = teacher_fingerprint(job.teacher, job.cache_dir)
+    files = [target_file(job, source, fingerprint) for source in job.sources]
+    wait(files)
+    return files
 
 
 def export_teacher_targets(config: ResolvedConfig, out: str | Path) -> tuple[int, TargetStats]:
