@@ -174,16 +174,17 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
 
     def _warn_forward_only_knobs(self) -> None:
         if self.lmbda == 0:
-            length = (
-                "max_completion_length limits only the teacher's answers (seq_kd, anchor prompts), and"
-                if self.anchor.seq_kd or self.anchor.anchor_prompts_active
-                else "max_completion_length and"
-            )
+            ignored = "the sampling role of temperature is ignored"
+            if not (self.anchor.seq_kd or self.anchor.anchor_prompts_active):
+                ignored = "max_completion_length and " + ignored.replace(" is ", " are ")
+            else:
+                ignored += (
+                    " (max_completion_length limits only the teacher's answers: seq_kd, anchor prompts)"
+                )
             logger.warning(
-                "lmbda=0 (forward-only KD): the student never samples, so %s the sampling role of "
-                "temperature is ignored (temperature still softens both distributions in the JSD, as in "
-                "ms-swift).",
-                length,
+                "lmbda=0 (forward-only KD): the student never samples, so %s; temperature still softens "
+                "both distributions in the JSD, as in ms-swift.",
+                ignored,
             )
 
     # --- accumulation window --------------------------------------------------------------------
