@@ -28,7 +28,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # torch first, from the pinned constraints: everything after resolves against it.
 echo "[setup] installing torch / torchvision (pinned in $(basename "$constraints"))"
 "${pip[@]}" install -q -c "$constraints" torch torchvision
-echo "[setup] installing anchorkd and the pinned training stack"
-"${pip[@]}" install -q -c "$constraints" -e ".[dev]"
+echo "[setup] installing anchorkd, the pinned training stack and DeepSpeed (for the sharded-engine tests)"
+"${pip[@]}" install -q -c "$constraints" -e ".[dev,deepspeed]"
 echo "$stamp" > "$stamp_file"
 echo "[setup] done in $(( $(date +%s) - start )) s: $venv"

@@ -287,3 +287,53 @@ def sampler_shuffle_seed(sampler: Any) -> int | None:
     if not getattr(sampler, "shuffle", False) or sampler_generator(sampler) is None:
         return None
     return getattr(sampler, "seed", None)
+
+
+# --- engines on a machine without CUDA ----------------------------------------------------------------
+
+
+def cpu_mixed_precision(swift_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Mixed-precision arguments for a run on a machine without CUDA: ``fp16`` off unless the config sets it.
+
+    ms-swift turns ``fp16`` on for float16 *and float32* models when the config leaves it unset
+    (``ModelArguments._init_mixed_precision``), on any device. Off CUDA accelerate ignores it for plain and DDP
+    runs (no autocast, no scaler on the CPU), so turning it off changes nothing there; DeepSpeed's CPU
+    accelerator instead refuses it ("Type fp16 is not supported on your device").
+    """
+    return {"fp16": False} if swift_kwargs.get("fp16") is None else {}
+
+
+def start_cpu_deepspeed_state(accelerator_config: dict | None = None) -> dict[str, Any]:
+    """Start accelerate's distributed state for a DeepSpeed run on a machine without CUDA (gloo), and return
+    the ``accelerator_config`` that makes transformers use it. Call it before the training arguments are
+    built, once per process; only where no CUDA device is available.
+
+    Why it exists: transformers' ``TrainingArguments`` creates the state for DeepSpeed without naming a
+    backend, and accelerate chooses one only for an accelerator (nccl on CUDA, hccl on NPU, ...). On a
+    CPU-only machine it settles on "not distributed" (world size 1) while DeepSpeed's own comm has started
+    every rank, and DeepSpeed's batch check fails ("train_batch_size is not equal to micro_batch_per_gpu *
+    gradient_acc_step * world_size"). ``use_cpu`` is no way out: accelerate then drops DeepSpeed for plain
+    DDP. On GPU machines accelerate and transformers pick nccl themselves and this is not needed.
+
+    Outside torchrun, the single-process launcher variables are set first (ms-swift's own helper), since
+    DeepSpeed would otherwise look for an MPI launcher.
+    """
+    import os
+
+    from accelerate.state import PartialState
+
+    if "LOCAL_RANK" not in os.environ:
+        from swift.utils import set_default_ddp_config
+
+        set_default_ddp_config()
+    flag = "ACCELERATE_USE_DEEPSPEED"
+    previous = os.environ.get(flag)
+    os.environ[flag] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        if previous is None:
+            del os.environ[flag]
+        else:
+            os.environ[flag] = previous
+    return {"accelerator_config": {**(accelerator_config or {}), "use_configured_state": True}}

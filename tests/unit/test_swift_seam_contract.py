@@ -191,3 +191,27 @@ def test_ms_swift_refuses_its_own_seq_kd_and_its_gkd_trainer_never_reads_it():
     gkd = seam.gkd_trainer_base()
     assert "seq_kd" not in inspect.getsource(inspect.getmodule(gkd))
     assert "HFSFTTrainer.training_step" in source(gkd.training_step)  # not TRL's, which reads args.seq_kd
+
+
+def test_engine_settings_without_a_gpu_rest_on_these_internals():
+    """``cpu_mixed_precision`` / ``start_cpu_deepspeed_state``: ms-swift turns fp16 on for float32 models when
+    unset; transformers builds DeepSpeed's state without a backend unless told to use a configured one;
+    accelerate starts DeepSpeed's comm only under a launcher; ms-swift fills in a single process's launcher
+    variables."""
+    from accelerate.state import PartialState
+    from swift.arguments.base_args.model_args import ModelArguments
+    from swift.utils import set_default_ddp_config
+    from transformers import TrainingArguments
+
+    mixed = source(ModelArguments._init_mixed_precision)
+    assert "torch.float32" in mixed and "if self.fp16 is None" in mixed
+    setup = source(TrainingArguments._setup_devices.func)
+    assert '"use_configured_state"' in setup and 'accelerator_state_kwargs["use_deepspeed"] = True' in setup
+    state = source(PartialState.__init__)
+    assert 'os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")' in state and "LOCAL_RANK" in state
+    launcher = source(set_default_ddp_config)
+    assert all(
+        f"os.environ['{name}']" in launcher for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")
+    )
+    assert seam.cpu_mixed_precision({}) == {"fp16": False}
+    assert seam.cpu_mixed_precision({"fp16": True}) == {}

@@ -135,6 +135,7 @@ class ConfigLoader:
         kwargs = config.swift_kwargs()
         _apply_offline_defaults(config, kwargs)
         _apply_launch_defaults(LaunchEnvironment.detect(), kwargs)
+        _apply_cpu_engine_settings(LaunchEnvironment.detect(), kwargs, start_engine=create_output_dir)
         args_cls = _args_cls(config.mode != "sft")
         if not create_output_dir:
             # ms-swift also exports the log dir (TENSORBOARD_LOGGING_DIR, set only when unset): do not let
@@ -359,6 +360,21 @@ def _apply_launch_defaults(launch: LaunchEnvironment, kwargs: dict) -> None:
     ``use_cpu``; without it each rank trains alone. Engines that shard (DeepSpeed, FSDP) set up their own."""
     if launch.cpu_data_parallel and not kwargs.get("deepspeed") and not kwargs.get("fsdp"):
         kwargs.setdefault("use_cpu", True)
+
+
+def _apply_cpu_engine_settings(launch: LaunchEnvironment, kwargs: dict, start_engine: bool) -> None:
+    """Without a GPU: fp16 off unless set, and for a DeepSpeed run that will train (not a validation) the
+    gloo distributed state DeepSpeed needs there (both explained in ``swift_seam``)."""
+    from ..swift_seam import cpu_mixed_precision, start_cpu_deepspeed_state
+
+    if launch.has_accelerator:
+        return
+    kwargs.update(cpu_mixed_precision(kwargs))
+    if kwargs.get("deepspeed") and start_engine:
+        accelerator_config = kwargs.get("accelerator_config")
+        if accelerator_config is not None and not isinstance(accelerator_config, dict):
+            raise ConfigError("training.accelerator_config", "must be a mapping for DeepSpeed without a GPU")
+        kwargs.update(start_cpu_deepspeed_state(accelerator_config))
 
 
 # --- construction -----------------------------------------------------------------------------------

@@ -81,18 +81,42 @@ class _Zero3Full(torch.autograd.Function):
     """A full copy of a ZeRO-3 parameter that stays valid after the engine re-partitions it.
 
     The fused loss reads the weight again in its backward, when ZeRO-3 has long released the gathered
-    parameter, so it gets a copy. The edge to the parameter is recorded while it is gathered (full shape),
-    so the full gradient returned here is accumulated into ``param.grad``, where ZeRO-3's gradient hook
-    reduce-scatters it into this rank's partition as for any module parameter.
+    parameter, so it gets a copy. Its gradient must still reach the parameter, where ZeRO-3's gradient hook
+    reduce-scatters it into this rank's partition as for any module parameter. But by then the parameter
+    holds an empty tensor, and autograd would copy the full gradient into a gradient shaped like it (a size
+    error): so the backward gathers the parameter again, and a hook that runs after ZeRO-3's own (which has
+    taken the gradient for reduction by then) partitions it once the gradient is in.
     """
 
     @staticmethod
     def forward(ctx, param):
+        ctx.param = param
         return param.detach().clone()
 
     @staticmethod
     def backward(ctx, grad):
+        _gather_for_accumulation(ctx.param)
         return grad
+
+
+_REGATHERED = "_anchorkd_regathered"
+
+
+def _gather_for_accumulation(param: torch.Tensor) -> None:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status == ZeroParamStatus.AVAILABLE:  # the module's own backward has gathered it
+        return
+    if not hasattr(param, _REGATHERED):
+        param.register_post_accumulate_grad_hook(_partition_regathered)
+    setattr(param, _REGATHERED, True)
+    param.all_gather()
+
+
+def _partition_regathered(param: torch.Tensor) -> None:
+    if getattr(param, _REGATHERED, False):
+        setattr(param, _REGATHERED, False)
+        param.partition(has_been_updated=False)
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
