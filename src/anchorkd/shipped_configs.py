@@ -89,6 +89,12 @@ def copy_shipped_config(
     return CopiedConfig(config, target, chain)
 
 
+def is_engine_overlay(path: Path) -> bool:
+    """An engine overlay (``recipes/zero3.yaml``, ...) sets ``training`` keys only and extends nothing: it is
+    listed after a stage config in a run config's ``extends:``, never run on its own."""
+    return set(read_yaml_mapping(path)) == {"training"}
+
+
 def _target_path(config: ShippedConfig, dest: Path, as_given: str, make_parents: bool) -> Path:
     if dest.is_dir():
         return dest / Path(config.name).name

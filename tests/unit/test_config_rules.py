@@ -387,6 +387,19 @@ def test_one_process_keeps_ms_swifts_device_choice(tmp_path, gkd, clean_tb_env):
     assert ConfigLoader.build_settings(config, create_output_dir=False).train_args.use_cpu is False
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fsdp_without_a_gpu_is_refused(tmp_path, gkd, monkeypatch, world_size):
+    from anchorkd.config.rules import LaunchEnvironment
+
+    gkd["training"]["fsdp"] = "fsdp2"
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(world_size, False)))
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "training.fsdp" and "FSDP needs GPUs" in str(error)
+    assert "silently trains the model unsharded" in str(error)
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(world_size, True)))
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).sections["training"]["fsdp"]
+
+
 def test_every_rule_is_exercised_by_a_test_here():
     source = Path(__file__).read_text()
     named = {
@@ -409,6 +422,7 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
         "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
         "rule_cpu_data_parallel_needs_use_cpu": "test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused",
+        "rule_fsdp_needs_a_gpu": "test_fsdp_without_a_gpu_is_refused",
         "rule_no_teacher_server_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_topk_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_liger_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",

@@ -10,19 +10,31 @@ from anchorkd.cli import EXIT_BAD_INPUT, main
 from anchorkd.config import ConfigLoader
 from anchorkd.config.yaml_io import load_yaml_with_extends, read_yaml_mapping
 from anchorkd.resources import default_lexicon_path, shipped_configs_dir
-from anchorkd.shipped_configs import copy_shipped_config, find_shipped_config, list_shipped_configs
+from anchorkd.shipped_configs import (
+    copy_shipped_config,
+    find_shipped_config,
+    is_engine_overlay,
+    list_shipped_configs,
+)
 
 SHIPPED_DIR = shipped_configs_dir()
 ALL_NAMES = sorted(p.relative_to(SHIPPED_DIR).as_posix() for p in SHIPPED_DIR.rglob("*.yaml"))
 EXTENDING = [n for n in ALL_NAMES if "extends" in read_yaml_mapping(SHIPPED_DIR / n)]
-# Training configs a user would run; ``_*.yaml`` overlays and lexicons are not run on their own.
-RUNNABLE = [n for n in ALL_NAMES if not n.startswith("lexicons/") and not Path(n).name.startswith("_")]
+# Training configs a user would run; ``_*.yaml`` overlays, engine overlays and lexicons are not run alone.
+RUNNABLE = [
+    n
+    for n in ALL_NAMES
+    if not n.startswith("lexicons/")
+    and not Path(n).name.startswith("_")
+    and not is_engine_overlay(SHIPPED_DIR / n)
+]
 
 
 def test_the_parametrized_lists_are_not_empty():
     assert {"recipes/forward_only_kd.yaml", "demo/stage_3_visual_kd.yaml"} <= set(EXTENDING)
     assert {"stage_2_llm_lora.yaml", "testbed/base.yaml", "recipes/visual_only_kd.yaml"} <= set(RUNNABLE)
     assert "demo/_tiny.yaml" not in RUNNABLE and "lexicons/telecom_default.yaml" not in RUNNABLE
+    assert "recipes/zero3.yaml" not in RUNNABLE and "recipes/zero3.yaml" in ALL_NAMES
 
 
 def test_the_shipped_folder_is_the_checkout_configs_folder():

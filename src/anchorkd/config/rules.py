@@ -362,6 +362,18 @@ def rule_cpu_data_parallel_needs_use_cpu(draft: ConfigDraft) -> None:
         )
 
 
+def rule_fsdp_needs_a_gpu(draft: ConfigDraft) -> None:
+    """accelerate applies FSDP only to GPU-type distributed runs: without a GPU the run would exit 0 having
+    trained an unsharded model (DDP over gloo) under a config that says FSDP."""
+    if draft.sections["training"].get("fsdp") and not draft.launch.has_accelerator:
+        raise ConfigError(
+            "training.fsdp",
+            "FSDP needs GPUs: on a machine without one accelerate silently trains the model unsharded "
+            "(as plain DDP). Remove training.fsdp here, or use DeepSpeed (training.deepspeed: zero2 / "
+            "zero3), which runs on the CPU",
+        )
+
+
 # --- what anchorkd's GKD trainer does not support ------------------------------------------------------
 
 
@@ -412,6 +424,7 @@ RULES: tuple[Rule, ...] = (
     rule_teacher_required_for_kd,
     rule_visual_kd_needs_trainable_vision,
     rule_cpu_data_parallel_needs_use_cpu,
+    rule_fsdp_needs_a_gpu,
     rule_no_teacher_server_with_gkd_monitor,
     rule_no_topk_with_gkd_monitor,
     rule_no_liger_with_gkd_monitor,
