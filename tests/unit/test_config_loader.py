@@ -568,3 +568,34 @@ def test_write_resolved_writes_the_resolved_yaml(tmp_path, sft):
     assert target == out / "anchorkd_config.yaml"
     assert target.read_text() == config.to_yaml()
     assert [p.name for p in out.iterdir()] == ["anchorkd_config.yaml"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    ("has_gpu", "given", "expected"), [(False, None, False), (False, True, True), (True, None, True)]
+)
+def test_fp16_is_off_without_a_gpu_unless_the_config_sets_it(
+    tmp_path, sft, monkeypatch, clean_tb_env, has_gpu, given, expected
+):
+    """ms-swift turns fp16 on for this float32 model; without a GPU anchorkd turns it off (DeepSpeed's CPU
+    accelerator refuses it), unless the config says otherwise."""
+    from anchorkd.config.rules import LaunchEnvironment
+
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(1, has_gpu)))
+    if given is not None:
+        sft["training"]["fp16"] = given
+    config = ConfigLoader.resolve(write_config(tmp_path, sft), check_files=False)
+    assert ConfigLoader.build_settings(config, create_output_dir=False).train_args.fp16 is expected
+
+
+def test_deepspeed_without_a_gpu_needs_a_mapping_accelerator_config(tmp_path, sft, monkeypatch, clean_tb_env):
+    """Without a GPU anchorkd adds ``use_configured_state`` to ``training.accelerator_config`` (see
+    ``swift_seam.start_cpu_deepspeed_state``); a file path there cannot be extended: refused, nothing written."""
+    from anchorkd.config.rules import LaunchEnvironment
+
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(1, False)))
+    sft["training"].update({"deepspeed": "zero3", "accelerator_config": "accelerator.json"})
+    config = ConfigLoader.resolve(write_config(tmp_path, sft), check_files=False)
+    with pytest.raises(ConfigError) as info:
+        ConfigLoader.build_settings(config)
+    assert info.value.key_path == "training.accelerator_config"
+    assert not (tmp_path / "out").exists()
