@@ -7,7 +7,8 @@ comparison (every logged term of every step, then every adapter tensor, relative
 with batch 4 on the same samples.
 
 ``zero3_head_worker.py`` checks the gather the fused loss relies on where the LM head itself trains (a full
-fine-tune): a 2-rank ``deepspeed.initialize`` on a small module, against one process on an unsharded copy.
+fine-tune), with a head of its own and with one tied to the input embedding: a 2-rank
+``deepspeed.initialize`` on a small module, against one process on an unsharded copy.
 
 DeepSpeed is an optional dependency; ``scripts/setup.sh`` installs it, so these run in CI.
 """
@@ -85,8 +86,9 @@ def test_the_runs_really_used_their_engines(runs):
     assert not list((runs["ddp"] / f"checkpoint-{STEPS}").glob("global_step*"))
 
 
-def test_zero3_gather_gives_a_training_lm_head_its_unsharded_gradient(tmp_path):
-    out = tmp_path / "head.json"
+@pytest.fixture(scope="module")
+def head_worker(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("zero3-head") / "head.json"
     command = [
         sys.executable,
         "-m",
@@ -103,12 +105,25 @@ def test_zero3_gather_gives_a_training_lm_head_its_unsharded_gradient(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2
+    return result
+
+
+@pytest.mark.parametrize(
+    ("case", "trained"),
+    [
+        ("own_head", {"body.weight", "body.bias", "lm_head.weight"}),
+        # Tied to the input embedding: the head's gradient adds to the embedding's (one parameter).
+        ("tied_head", {"embed.weight", "body.weight", "body.bias"}),
+    ],
+)
+def test_zero3_gather_gives_a_training_lm_head_its_unsharded_gradient(head_worker, case, trained):
+    result = head_worker[case]
     assert result["partitioned"] is True  # the heads held no weights outside the gather
     assert result["tokens"] == 24 + 19  # supervised tokens over both ranks (the ranks differ)
     assert result["loss"] == pytest.approx(result["reference_loss"], rel=RELATIVE)
-    assert set(result["grad_rel"]) == {"body.weight", "body.bias", "lm_head.weight"}
+    assert set(result["grad_rel"]) == trained
     for name, rel in result["grad_rel"].items():
         assert rel <= RELATIVE, f"{name}: gradient relative difference {rel:.2e}"
     for name, rel in result["step_rel"].items():  # the SGD step applied it to the partitions
-        assert result["moved"][name] > 100 * RELATIVE  # a step that did nothing would be seen
+        assert result["moved"][name] > 10 * RELATIVE  # a step that did nothing would be seen
         assert rel <= RELATIVE, f"{name}: weights after the step, relative difference {rel:.2e}"

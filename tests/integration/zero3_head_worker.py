@@ -1,7 +1,8 @@
 """torchrun worker for ``test_sharded_engines``: the fused loss on a ZeRO-3-partitioned LM head that trains.
 
 Every rank builds the same small "student" (a body and a trainable LM head) and a frozen teacher head, all
-partitioned by ``deepspeed.initialize`` (stage 3, gloo, CPU). Rank ``r`` gets the ``r``-th slice of one
+partitioned by ``deepspeed.initialize`` (stage 3, gloo, CPU); once with a head of its own, once with the
+head tied to an input embedding (as in Qwen3-VL 2B / 4B), whose module also uses it in the backward. Rank ``r`` gets the ``r``-th slice of one
 global batch, with a different number of supervised tokens per rank. The loss is computed the way the
 KD trainer does it: heads gathered with ``sharding.gathered_params``, tokens counted over all ranks, the
 loss multiplied by the number of ranks. The reference is one process holding the whole batch on an
@@ -30,14 +31,19 @@ LOSS_KW = {"beta": 0.5, "temperature": 1.0, "chunk_size": 16, "compute_ce": True
 
 
 class Student(nn.Module):
-    def __init__(self):
+    def __init__(self, tied: bool):
         super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN) if tied else None
         self.body = nn.Linear(HIDDEN, HIDDEN)
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
         self.teacher_head = nn.Linear(HIDDEN, VOCAB, bias=False)  # frozen, partitioned as well
         self.teacher_head.requires_grad_(False)
 
-    def forward(self, x):
+    def forward(self, x, ids):
+        if self.embed is not None:
+            x = x + self.embed(ids)
         return torch.tanh(self.body(x))
 
 
@@ -45,16 +51,17 @@ def batch(world: int):
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(world, TOKENS, HIDDEN, generator=generator)
     teacher_hidden = torch.randn(world, TOKENS, HIDDEN, generator=generator)
+    ids = torch.randint(0, VOCAB, (world, TOKENS), generator=generator)
     labels = torch.randint(0, VOCAB, (world, TOKENS), generator=generator)
     for rank in range(world):  # rank r supervises TOKENS - 5 r tokens: the ranks' counts differ
         labels[rank, TOKENS - 5 * rank :] = -100
-    return hidden, teacher_hidden, labels
+    return hidden, teacher_hidden, ids, labels
 
 
-def reference(model: Student, hidden, teacher_hidden, labels) -> dict:
+def reference(model: Student, hidden, teacher_hidden, ids, labels) -> dict:
     """One process, every rank's samples, normalised by all supervised tokens."""
     out = fused_ce_jsd(
-        model(hidden.reshape(-1, HIDDEN)),
+        model(hidden.reshape(-1, HIDDEN), ids.reshape(-1)),
         model.lm_head.weight,
         labels.reshape(-1),
         teacher_hidden.reshape(-1, HIDDEN),
@@ -73,18 +80,17 @@ def reference(model: Student, hidden, teacher_hidden, labels) -> dict:
     return {"loss": loss.item(), "grads": grads, "stepped": stepped, "moved": moved}
 
 
-def main(out_path: str) -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def run(tied: bool, rank: int, world: int) -> dict:
     torch.manual_seed(0)
-    model = Student()
-    hidden, teacher_hidden, labels = batch(world)
-    ref = reference(copy.deepcopy(model), hidden, teacher_hidden, labels)
+    model = Student(tied)
+    hidden, teacher_hidden, ids, labels = batch(world)
+    ref = reference(copy.deepcopy(model), hidden, teacher_hidden, ids, labels)
 
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 by default; the reference step does not clip
         # Partition every parameter, however small (the default keeps parameters under 1e5 elements whole).
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     }
@@ -94,7 +100,7 @@ def main(out_path: str) -> None:
     head, teacher_head = module.lm_head.weight, module.teacher_head.weight
     partitioned = is_sharded(head) and is_sharded(teacher_head) and head.numel() == 0
 
-    student_hidden = engine(hidden[rank])
+    student_hidden = engine(hidden[rank], ids[rank])
     (tokens,) = global_window_tokens([int((labels[rank] != -100).sum())])
     with gathered_params([head, teacher_head]) as (full_head, full_teacher_head):
         out = fused_ce_jsd(
@@ -120,17 +126,22 @@ def main(out_path: str) -> None:
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
+    return {
+        "partitioned": partitioned,
+        "tokens": tokens,
+        "loss": mean_loss.item(),
+        "reference_loss": ref["loss"],
+        "grad_rel": {n: rel(grads[n], ref["grads"][n]) for n in ref["grads"]},
+        "step_rel": {n: rel(stepped[n], ref["stepped"][n]) for n in ref["stepped"]},
+        "moved": ref["moved"],  # how far the step moves each weight (relative)
+    }
+
+
+def main(out_path: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = {"world_size": world, "own_head": run(False, rank, world), "tied_head": run(True, rank, world)}
     if rank == 0:
-        result = {
-            "world_size": world,
-            "partitioned": partitioned,
-            "tokens": tokens,
-            "loss": mean_loss.item(),
-            "reference_loss": ref["loss"],
-            "grad_rel": {n: rel(grads[n], ref["grads"][n]) for n in ref["grads"]},
-            "step_rel": {n: rel(stepped[n], ref["stepped"][n]) for n in ref["stepped"]},
-            "moved": ref["moved"],  # how far the step moves each weight (relative)
-        }
         with open(out_path, "w") as handle:
             json.dump(result, handle)
     dist.barrier()

@@ -116,7 +116,10 @@ def _gather_for_accumulation(param: torch.Tensor) -> None:
 def _partition_regathered(param: torch.Tensor) -> None:
     if getattr(param, _REGATHERED, False):
         setattr(param, _REGATHERED, False)
-        param.partition(has_been_updated=False)
+        # A module that also uses the parameter (an input embedding tied to the head) may still hold it for
+        # its backward; ZeRO-3 releases it with that module then.
+        if not param.ds_active_sub_modules:
+            param.partition(has_been_updated=False)
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
