@@ -599,3 +599,14 @@ def test_deepspeed_without_a_gpu_needs_a_mapping_accelerator_config(tmp_path, sf
         ConfigLoader.build_settings(config)
     assert info.value.key_path == "training.accelerator_config"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_separate_teacher_of_the_students_architecture_takes_the_students_model_type(
+    tmp_path, gkd, tiny_model_dir, clean_tb_env
+):
+    # Another spelling of the same folder makes ms-swift load a separate copy; ms-swift cannot infer the
+    # type of a folder named "tiny-qwen3-vl" and would fail at load time without one.
+    gkd["rlhf"]["teacher_model"] = f"{tiny_model_dir}/"
+    settings = ConfigLoader.load_training_config(write_config(tmp_path, gkd), create_output_dir=False)
+    assert settings.anchor.teacher_mode == "separate"
+    assert settings.train_args.teacher_model_type == settings.train_args.model_type == "qwen3_vl"

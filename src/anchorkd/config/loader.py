@@ -422,6 +422,7 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> TeacherMode:
     if config.mode != "gkd":
         return "none"
     if not teacher_is_disabled_adapter(train_args):
+        _inherit_teacher_model_type(train_args)
         return "separate"
     tuner = config.sections["tuner"]
     trained_outside_lora = [
@@ -436,6 +437,26 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> TeacherMode:
     )
     use_separate_teacher_copy(train_args, config.sections["model"]["model"])
     return "separate"
+
+
+def _inherit_teacher_model_type(train_args) -> None:
+    """ms-swift cannot infer the type of every local folder (a folder not named after its model fails with
+    a traceback at load time); a teacher of the student's own architecture takes the student's type."""
+    teacher, student = getattr(train_args, "teacher_model", None), train_args.model
+    if not teacher or train_args.teacher_model_type or not train_args.model_type:
+        return
+    if _config_model_type(teacher) is not None and _config_model_type(teacher) == _config_model_type(student):
+        train_args.teacher_model_type = train_args.model_type
+
+
+def _config_model_type(checkpoint: str) -> str | None:
+    import json
+
+    path = Path(checkpoint).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _mirror_llm_kd_weight(train_args, weight: float) -> None:
