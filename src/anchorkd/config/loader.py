@@ -422,7 +422,7 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> TeacherMode:
     if config.mode != "gkd":
         return "none"
     if not teacher_is_disabled_adapter(train_args):
-        _inherit_teacher_model_type(train_args)
+        _inherit_teacher_model_type(train_args, config.sections["model"]["model"])
         return "separate"
     tuner = config.sections["tuner"]
     trained_outside_lora = [
@@ -439,13 +439,14 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> TeacherMode:
     return "separate"
 
 
-def _inherit_teacher_model_type(train_args) -> None:
+def _inherit_teacher_model_type(train_args, student: str) -> None:
     """ms-swift cannot infer the type of every local folder (a folder not named after its model fails with
     a traceback at load time); a teacher of the student's own architecture takes the student's type."""
-    teacher, student = getattr(train_args, "teacher_model", None), train_args.model
+    teacher = train_args.teacher_model
     if not teacher or train_args.teacher_model_type or not train_args.model_type:
         return
-    if _config_model_type(teacher) is not None and _config_model_type(teacher) == _config_model_type(student):
+    teacher_type = _config_model_type(teacher)
+    if teacher_type is not None and teacher_type == _config_model_type(student):
         train_args.teacher_model_type = train_args.model_type
 
 
