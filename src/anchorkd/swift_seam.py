@@ -337,3 +337,10 @@ def start_cpu_deepspeed_state(accelerator_config: dict | None = None) -> dict[st
         else:
             os.environ[flag] = previous
     return {"accelerator_config": {**(accelerator_config or {}), "use_configured_state": True}}
+
+
+def rows_per_generation_buffer(train_args: Any) -> int:
+    """Data-set rows one rank encodes per GKD generation buffer: the per-device batch times ms-swift's
+    ``steps_per_generation`` (derived from gradient accumulation in the GKD config's ``__post_init__``)."""
+    training = train_args.training_args
+    return training.per_device_train_batch_size * training.steps_per_generation

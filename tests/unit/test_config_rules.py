@@ -466,3 +466,25 @@ def test_train_refuses_before_writing_anything(tmp_path, gkd, capsys, override, 
     assert err.startswith(f"anchorkd: error: {override.split('=')[0]} (in (command line)): must be")
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_anchor_ratio_that_rounds_to_no_row_is_refused_by_validate_and_writes_nothing(
+    tmp_path, gkd, clean_tb_env
+):
+    # batch 1 and accumulation 1: a step holds one data-set row, and 0.1 of it rounds to no anchor row;
+    # ms-swift derives steps_per_generation in its constructor, so the rule runs on the built arguments.
+    gkd["custom"]["anchor"] = {**ANCHOR, "ratio": 0.1}
+    gkd["training"].update({"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1})
+    path = write_config(tmp_path, gkd)
+    config = ConfigLoader.resolve(path, check_files=False)
+    for create_output_dir in (False, True):
+        with pytest.raises(ConfigError) as info:
+            ConfigLoader.build_settings(config, create_output_dir=create_output_dir)
+        assert info.value.key_path == "custom.anchor.ratio" and "rounds to no anchor row" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    gkd["training"]["gradient_accumulation_steps"] = 4
+    gkd["custom"]["anchor"]["ratio"] = 0.25  # 4 rows: round(1.33) = 1 anchor row
+    settings = ConfigLoader.build_settings(
+        ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False), create_output_dir=False
+    )
+    assert settings.anchor.anchor_prompts_active

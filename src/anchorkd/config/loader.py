@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -143,7 +144,11 @@ class ConfigLoader:
             saved_env = {name: os.environ.get(name) for name in _ENV_SET_BY_SWIFT_ARGS}
             try:
                 with tempfile.TemporaryDirectory(prefix="anchorkd-validate-") as scratch:
-                    train_args = _construct(args_cls, {**kwargs, "output_dir": scratch, "add_version": False})
+                    train_args = _construct(
+                        args_cls,
+                        {**kwargs, "output_dir": scratch, "add_version": False},
+                        check=functools.partial(_check_derived, config),
+                    )
             finally:
                 for name, value in saved_env.items():
                     if value is None:
@@ -151,7 +156,7 @@ class ConfigLoader:
                     else:
                         os.environ[name] = value
         else:
-            train_args = _construct(args_cls, kwargs)
+            train_args = _construct(args_cls, kwargs, check=functools.partial(_check_derived, config))
         teacher_mode = _settle_teacher_mode(train_args, config)
         _mirror_llm_kd_weight(train_args, config.llm_kd_weight)
         return RunSettings(config, train_args, AnchorSettings.from_config(config, teacher_mode))
@@ -380,15 +385,39 @@ def _apply_cpu_engine_settings(launch: LaunchEnvironment, kwargs: dict, start_en
 # --- construction -----------------------------------------------------------------------------------
 
 
-def _construct(args_cls, kwargs: dict):
-    """Build the ms-swift arguments; if that fails, remove the output dir it may have created."""
+def _check_derived(config: ResolvedConfig, train_args) -> None:
+    """Rules on values ms-swift derives in its constructor (known before any model loads)."""
+    anchor = config.custom.anchor
+    if config.mode != "gkd" or not anchor.active:
+        return
+    from ..swift_seam import rows_per_generation_buffer
+    from .schema import anchor_rows_for
+
+    rows = rows_per_generation_buffer(train_args)
+    if anchor_rows_for(rows, anchor.ratio) < 1:
+        raise ConfigError(
+            "custom.anchor.ratio",
+            f"{anchor.ratio} of a step of {rows} data-set rows per rank rounds to no anchor row: raise the "
+            "ratio, training.per_device_train_batch_size or training.gradient_accumulation_steps",
+        )
+
+
+def _construct(args_cls, kwargs: dict, check=None):
+    """Build the ms-swift arguments and run ``check`` on them (rules that need ms-swift's derived values);
+    if either fails, remove the output dir the constructor may have created."""
     if "llm_kd_weight" in kwargs:  # ms-swift constructors must never see our knob
         raise AssertionError("llm_kd_weight must be popped before constructing ms-swift arguments")
     output_dir = kwargs.get("output_dir")
     existed = bool(output_dir) and Path(output_dir).exists()
     before = set(os.listdir(output_dir)) if existed else set()
     try:
-        return args_cls(**kwargs)
+        train_args = args_cls(**kwargs)
+        if check is not None:
+            check(train_args)
+        return train_args
+    except ConfigError:
+        _remove_created(output_dir, existed, before)
+        raise
     except (ValueError, TypeError, AssertionError, NotImplementedError) as exc:
         _remove_created(output_dir, existed, before)
         raise ConfigError("<ms-swift>", f"ms-swift rejected the arguments: {exc}") from exc
