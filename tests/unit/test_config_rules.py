@@ -463,7 +463,11 @@ def test_train_refuses_before_writing_anything(tmp_path, gkd, capsys, override, 
     status = main(["train", "--config", str(config), override])
     err = capsys.readouterr().err
     assert status == EXIT_BAD_INPUT
-    assert err.startswith(f"anchorkd: error: {override.split('=')[0]} (in (command line)): must be")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"anchorkd: error: {override.split('=')[0]} (in (command line)): must be")
+    )
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
