@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import swift_seam as seam
 from ..config.loader import ResolvedConfig
 from ..config.settings import RunSettings
+from .sharding import is_launch_main_process
 
 logger = logging.getLogger("anchorkd")
 
@@ -114,7 +115,7 @@ def settings_for_run(config: ResolvedConfig, *, writer: bool | None = None) -> R
     from ..config import ConfigLoader
     from .teacher_targets import with_teacher_targets
 
-    trained = with_teacher_targets(config, writer=_is_writer_rank() if writer is None else writer)
+    trained = with_teacher_targets(config, writer=is_launch_main_process() if writer is None else writer)
     return ConfigLoader.build_settings(trained)
 
 
@@ -129,7 +130,7 @@ def run_training(config_path: str | Path, overrides=()) -> dict:
     resume = resume_plan(config)
     settings = settings_for_run(config)
     output_dir = settings.output_dir
-    if _is_writer_rank():
+    if is_launch_main_process():
         if resume is not None:
             prepare_run_dir(resume)
         ConfigLoader.write_resolved(config, output_dir)
@@ -143,11 +144,3 @@ def run_training(config_path: str | Path, overrides=()) -> dict:
         "global_step": trainer.state.global_step if trainer is not None else None,
         "mode": settings.mode,
     }
-
-
-def _is_writer_rank() -> bool:
-    """One process writes the run's own files. Read from torchrun's environment: the process group does
-    not exist yet when the resolved config is written."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
