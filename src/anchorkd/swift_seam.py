@@ -339,8 +339,8 @@ def start_cpu_deepspeed_state(accelerator_config: dict | None = None) -> dict[st
     return {"accelerator_config": {**(accelerator_config or {}), "use_configured_state": True}}
 
 
-def rows_per_generation_buffer(train_args: Any) -> int:
+def rows_per_generation_buffer(training_args: Any) -> int:
     """Data-set rows one rank encodes per GKD generation buffer: the per-device batch times ms-swift's
-    ``steps_per_generation`` (derived from gradient accumulation in the GKD config's ``__post_init__``)."""
-    training = train_args.training_args
-    return training.per_device_train_batch_size * training.steps_per_generation
+    ``steps_per_generation`` (derived from gradient accumulation in the GKD config's ``__post_init__``).
+    ``training_args`` is the trainer's ``args`` (``RLHFArguments.training_args``)."""
+    return training_args.per_device_train_batch_size * training_args.steps_per_generation

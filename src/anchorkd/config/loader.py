@@ -393,7 +393,7 @@ def _check_derived(config: ResolvedConfig, train_args) -> None:
     from ..swift_seam import rows_per_generation_buffer
     from .schema import anchor_rows_for
 
-    rows = rows_per_generation_buffer(train_args)
+    rows = rows_per_generation_buffer(train_args.training_args)
     if anchor_rows_for(rows, anchor.ratio) < 1:
         raise ConfigError(
             "custom.anchor.ratio",

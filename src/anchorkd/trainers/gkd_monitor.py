@@ -117,7 +117,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 "custom.anchor.dataset",
                 "the anchor prompts were not loaded: build trainers through anchorkd's pipeline",
             )
-        rows_per_buffer = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        rows_per_buffer = seam.rows_per_generation_buffer(self.args)
         mixer = AnchorMixer.for_step(
             len(self._anchor_rows),
             self.anchor.anchor_prompts.ratio,
