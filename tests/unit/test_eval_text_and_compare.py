@@ -84,9 +84,9 @@ def test_score_counts_hallucinations_and_skips_text_records(tmp_path):
     assert summary["object_recall"] == 1.0
     assert summary["indomain_f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5)
     assert scores["skipped_records"] == {"text": 1}
-    # The compare step also reports the OOD rate per out-of-domain group (scene/style).
+    # The compare step also reports the OOD rate per out-of-domain group (scene/style) and per scene.
     per_group = {k: v for k, v in run_metrics(scores).items() if k.startswith("ood_domain_object_rate_")}
-    assert per_group == {"ood_domain_object_rate_outdoor_general": 1.0}
+    assert per_group == {"ood_domain_object_rate_outdoor_general": 1.0, "ood_domain_object_rate_outdoor": 1.0}
     assert [s["id"] for s in scores["samples"]] == ["in-1", "out-1"]
     assert scores["generations"]["sha256"] == sha256_file(generations)
     assert scores["versions"]["anchorkd"] is not None

@@ -16,15 +16,18 @@ from PIL import Image
 
 from anchorkd.data.dense_caption import parse_dense_caption
 from anchorkd.demo import synthetic
-from anchorkd.demo.scenes import draw_scene
+from anchorkd.demo.scenes import OBJECTS_BY_KIND, draw_scene
 from anchorkd.demo.synthetic import (
+    BASE_FAMILIES,
     CAPTION_WORDS,
     DEFAULT_BOX_GRID,
     DENSE_PROMPT,
+    DOMAIN_FAMILY,
     GENERAL_PROMPT,
-    INDOOR_OBJECTS,
+    HELD_OUT_FAMILIES,
     MANIFEST_FILE,
-    OUTDOOR_OBJECTS,
+    NEAR_OOD_FAMILIES,
+    OOD_FAMILIES,
     SPLIT_FILES,
     SyntheticSizes,
     generate_text_samples,
@@ -32,23 +35,16 @@ from anchorkd.demo.synthetic import (
     normalise_box,
 )
 
-IMAGE_SPLITS = (
-    "base_train",
-    "train",
-    "val",
-    "eval_indoor",
-    "eval_indoor_general",
-    "eval_outdoor",
-    "eval_outdoor_dense",
-)
+EVAL_OOD_SPLITS = tuple(f"eval_{family}{suffix}" for family in OOD_FAMILIES for suffix in ("", "_dense"))
+IMAGE_SPLITS = ("base_train", "train", "val", "eval_indoor", "eval_indoor_general", *EVAL_OOD_SPLITS)
 # What every image split must hold: (scene kinds allowed, style, prompt).
 SPLIT_CONTENT = {
     "train": ({"indoor"}, "dense", DENSE_PROMPT),
     "val": ({"indoor"}, "dense", DENSE_PROMPT),
     "eval_indoor": ({"indoor"}, "dense", DENSE_PROMPT),
     "eval_indoor_general": ({"indoor"}, "general", GENERAL_PROMPT),
-    "eval_outdoor": ({"outdoor"}, "general", GENERAL_PROMPT),
-    "eval_outdoor_dense": ({"outdoor"}, "dense", DENSE_PROMPT),
+    **{f"eval_{family}": ({family}, "general", GENERAL_PROMPT) for family in OOD_FAMILIES},
+    **{f"eval_{family}_dense": ({family}, "dense", DENSE_PROMPT) for family in OOD_FAMILIES},
 }
 
 
@@ -129,7 +125,7 @@ def test_returns_every_split_file(dataset):
 
 
 def test_record_schema(dataset):
-    for split in SPLIT_FILES:
+    for split in set(SPLIT_FILES) - {"anchor"}:
         records = read_jsonl(dataset[split])
         assert records, split
         # An id names an image; base_train may hold one image under both prompts, never twice under one.
@@ -157,22 +153,24 @@ def test_record_schema(dataset):
                 assert split == "base_train"
                 prompt = DENSE_PROMPT if meta["style"] == "dense" else GENERAL_PROMPT
                 assert user["content"] == prompt
-                # The base may know the box format, but never from an indoor (domain) image.
-                assert meta["style"] == "general" or meta["scene"] == "outdoor"
+                # The base may know the box format, but never from an indoor (domain) image, and it never
+                # sees the held-out family.
+                assert meta["scene"] in BASE_FAMILIES
+                assert meta["style"] == "general" or meta["scene"] in NEAR_OOD_FAMILIES
     for split in ("text", "text_eval"):
         assert all(r["meta"]["scene"] == "text" for r in read_jsonl(dataset[split]))
 
 
-def test_base_train_mixes_both_scene_kinds_and_text_shuffled(dataset):
+def test_base_train_mixes_the_known_families_and_text_shuffled(dataset):
     records = read_jsonl(dataset["base_train"])
     sizes = SyntheticSizes.quick()
     kinds = Counter((r["meta"]["scene"], r["meta"]["style"]) for r in records)
     assert kinds == {
-        ("indoor", "general"): sizes.base_images,
-        ("outdoor", "general"): sizes.base_images,
-        ("outdoor", "dense"): sizes.base_outdoor_dense,
+        **{(family, "general"): sizes.base_images for family in BASE_FAMILIES},
+        **{(family, "dense"): sizes.base_dense for family in NEAR_OOD_FAMILIES},
         ("text", "text"): sizes.base_text,
     }
+    assert DOMAIN_FAMILY not in NEAR_OOD_FAMILIES and not set(HELD_OUT_FAMILIES) & set(BASE_FAMILIES)
     # The dense outdoor records reuse base images that also have a general caption.
     general = {r["images"][0] for r in records if r["meta"]["style"] == "general"}
     assert {r["images"][0] for r in records if r["meta"]["style"] == "dense"} <= general
@@ -197,7 +195,7 @@ def test_images_exist_open_and_have_the_configured_size(dataset):
 def test_image_size_is_configurable(tmp_path):
     sizes = SyntheticSizes(
         base_images=1,
-        base_outdoor_dense=1,
+        base_dense=1,
         base_text=1,
         domain_train=2,
         domain_val=1,
@@ -215,10 +213,10 @@ def test_image_size_is_configurable(tmp_path):
 
 def test_dense_captions_round_trip_to_meta_objects(dataset):
     dense = [rec for _, rec in image_records(dataset) if rec["meta"]["style"] == "dense"]
-    dense_splits = ("train", "val", "eval_indoor", "eval_outdoor_dense")
-    expected = (
-        sum(len(read_jsonl(dataset[s])) for s in dense_splits) + SyntheticSizes.quick().base_outdoor_dense
-    )
+    dense_splits = ("train", "val", "eval_indoor", *(f"eval_{family}_dense" for family in OOD_FAMILIES))
+    expected = sum(
+        len(read_jsonl(dataset[s])) for s in dense_splits
+    ) + SyntheticSizes.quick().base_dense * len(NEAR_OOD_FAMILIES)
     assert len(dense) == expected
     for rec in dense:
         parsed = parse_dense_caption(rec["messages"][1]["content"])
@@ -243,13 +241,13 @@ def test_boxes_are_valid_on_the_1000_grid(dataset):
 
 
 def test_object_names_belong_to_their_scene_kind(dataset):
-    seen = {"indoor": set(), "outdoor": set()}
+    seen = {kind: set() for kind in OBJECTS_BY_KIND}
     for _, rec in image_records(dataset):
         names = {obj["name"] for obj in rec["meta"]["objects"]}
-        vocabulary = INDOOR_OBJECTS if rec["meta"]["scene"] == "indoor" else OUTDOOR_OBJECTS
-        assert names <= set(vocabulary), (rec["meta"]["id"], names)
+        assert names <= set(OBJECTS_BY_KIND[rec["meta"]["scene"]]), (rec["meta"]["id"], names)
         seen[rec["meta"]["scene"]] |= names
     assert seen["indoor"] >= {"rack", "bbu"} and seen["outdoor"] >= {"sky"}
+    assert all(seen[family] for family in OOD_FAMILIES)
 
 
 def _count_phrase(name: str, count: int) -> str:
@@ -266,12 +264,13 @@ def _mentions(caption: str, name: str) -> bool:
 
 def test_general_captions_name_present_objects_with_counts_and_nothing_else(dataset):
     general = [rec for _, rec in image_records(dataset) if rec["meta"]["style"] == "general"]
-    assert {rec["meta"]["scene"] for rec in general} == {"indoor", "outdoor"}
+    assert {rec["meta"]["scene"] for rec in general} == set(OBJECTS_BY_KIND)
     for rec in general:
         caption = rec["messages"][1]["content"]
         counts = Counter(obj["name"] for obj in rec["meta"]["objects"])
-        vocabulary = INDOOR_OBJECTS if rec["meta"]["scene"] == "indoor" else OUTDOOR_OBJECTS
-        for name in vocabulary:
+        for name in OBJECTS_BY_KIND[rec["meta"]["scene"]]:
+            if counts[name] and name in ("sky", "sun"):
+                continue  # scenery, phrased by the template rather than counted
             if counts[name]:
                 assert re.search(rf"\b{_count_phrase(name, counts[name])}\b", caption), (
                     caption,
@@ -286,12 +285,14 @@ def test_general_captions_name_present_objects_with_counts_and_nothing_else(data
 def test_general_captions_use_more_than_one_template(tmp_path):
     sizes = SyntheticSizes(
         base_images=12,
-        base_outdoor_dense=0,
+        base_dense=0,
         base_text=0,
         domain_train=0,
         domain_val=0,
-        eval_outdoor=0,
+        eval_ood=0,
         text_eval=0,
+        anchor_images=0,
+        anchor_text=0,
     )
     splits = make_synthetic_data(tmp_path / "d", seed=2, sizes=sizes)
     openings = {r["messages"][1]["content"].split(" with ")[0][:18] for r in read_jsonl(splits["base_train"])}
@@ -301,7 +302,14 @@ def test_general_captions_use_more_than_one_template(tmp_path):
 def test_no_image_is_shared_between_splits(dataset):
     groups = {
         split: {rec["images"][0] for rec in read_jsonl(dataset[split]) if "images" in rec}
-        for split in ("base_train", "train", "val", "eval_indoor", "eval_outdoor")
+        for split in (
+            "base_train",
+            "train",
+            "val",
+            "eval_indoor",
+            "anchor",
+            *(f"eval_{f}" for f in OOD_FAMILIES),
+        )
     }
     names = list(groups)
     for i, a in enumerate(names):
@@ -309,7 +317,9 @@ def test_no_image_is_shared_between_splits(dataset):
             assert not groups[a] & groups[b], (a, b)
     # The general-prompt indoor / dense-prompt outdoor eval files reuse exactly the held-out images.
     assert {r["images"][0] for r in read_jsonl(dataset["eval_indoor_general"])} == groups["eval_indoor"]
-    assert {r["images"][0] for r in read_jsonl(dataset["eval_outdoor_dense"])} == groups["eval_outdoor"]
+    for family in OOD_FAMILIES:
+        dense_images = {r["images"][0] for r in read_jsonl(dataset[f"eval_{family}_dense"])}
+        assert dense_images == groups[f"eval_{family}"]
     digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for paths in groups.values() for p in paths]
     assert len(digests) == len(set(digests)), "two splits hold pixel-identical images"
 
@@ -425,8 +435,8 @@ def test_invalid_sizes_and_seed_are_rejected(tmp_path):
         SyntheticSizes(image_size=16)
     with pytest.raises(ValueError, match="box_grid"):
         SyntheticSizes(box_grid=0)
-    with pytest.raises(ValueError, match="base_outdoor_dense"):
-        SyntheticSizes(base_images=2, base_outdoor_dense=3)
+    with pytest.raises(ValueError, match="base_dense"):
+        SyntheticSizes(base_images=2, base_dense=3)
     with pytest.raises(ValueError):
         make_synthetic_data(tmp_path / "data", seed=-1, sizes=SyntheticSizes.quick())
 
@@ -446,10 +456,38 @@ def test_manifest_counts_match_files(dataset):
     }
     sizes = SyntheticSizes.quick()
     assert manifest["counts"]["train.jsonl"] == sizes.domain_train
+    known, near, ood = len(BASE_FAMILIES), len(NEAR_OOD_FAMILIES), len(OOD_FAMILIES)
     assert manifest["counts"]["base_train.jsonl"] == (
-        2 * sizes.base_images + sizes.base_outdoor_dense + sizes.base_text
+        known * sizes.base_images + near * sizes.base_dense + sizes.base_text
     )
+    assert manifest["counts"]["anchor.jsonl"] == known * sizes.anchor_images + sizes.anchor_text
     assert manifest["images"] == len(list((root / "images").glob("*.png")))
     assert manifest["images"] == (
-        2 * sizes.base_images + sizes.domain_train + sizes.domain_val + sizes.eval_indoor + sizes.eval_outdoor
+        known * (sizes.base_images + sizes.anchor_images)
+        + sizes.domain_train
+        + sizes.domain_val
+        + sizes.eval_indoor
+        + ood * sizes.eval_ood
     )
+
+
+# --- anchor set -----------------------------------------------------------------------------------
+
+
+def test_anchor_set_is_prompt_only_from_known_families_and_disjoint_from_every_eval_set(dataset):
+    records = read_jsonl(dataset["anchor"])
+    sizes = SyntheticSizes.quick()
+    assert all(len(r["messages"]) == 1 and r["messages"][0]["role"] == "user" for r in records)
+    images = [r for r in records if "images" in r]
+    assert Counter(r["meta"]["scene"] for r in images) == {
+        family: sizes.anchor_images for family in BASE_FAMILIES
+    }
+    assert all(r["messages"][0]["content"] == GENERAL_PROMPT for r in images)
+    questions = [r["messages"][0]["content"] for r in records if "images" not in r]
+    assert len(questions) == len(set(questions)) == sizes.anchor_text
+    evaluated = {r["messages"][0]["content"] for r in read_jsonl(dataset["text_eval"])}
+    trained = {r["messages"][0]["content"] for r in read_jsonl(dataset["text"])}
+    assert not set(questions) & (evaluated | trained)
+    anchor_images = {r["images"][0] for r in images}
+    for split in IMAGE_SPLITS:
+        assert not anchor_images & {r["images"][0] for r in read_jsonl(dataset[split])}, split

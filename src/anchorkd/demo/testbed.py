@@ -1,16 +1,18 @@
 """The anchoring testbed: does KL anchoring keep a fine-tuned model from drifting? Measured, end to end.
 
 On the embedded default (tiny Qwen3-VL, synthetic scenes) this runs the whole story a user cares about:
-1. ``base``: the random tiny model learns general captions for indoor *and* outdoor scenes, the dense
-   box format on outdoor scenes only, plus text-only chat (full fine-tuning,
-   ``configs/testbed/base.yaml``). Built once and cached by a content hash of
-   everything that determines it (model, data, config, sizes).
-2. Domain fine-tuning on indoor dense captions only, three ways, from the same base:
-   ``sft`` (vanilla), ``gkd`` (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD).
-3. Each of base / sft / gkd / gkd_visual is evaluated on held-out outdoor images (general and dense
-   prompt: are indoor domain objects named where there are none?), indoor images (dense prompt: field
-   F1) and text-only chat (perplexity vs the base), then compared in ``report.md`` / ``report.json`` /
-   PNGs.
+1. ``base``: the random tiny model learns general captions of four scene families (indoor racks, outdoor
+   sites, kitchens, streets), the dense box format on the three that are not the domain, plus text-only
+   chat (full fine-tuning, ``configs/testbed/base.yaml``). A fifth family (fields) is held out of every
+   training set. Built once and cached by a content hash of everything that determines it.
+2. Domain fine-tuning on indoor dense captions only, from the same base: ``sft`` (vanilla), ``gkd``
+   (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD), ``gkd_seqkd`` (the base's own answers
+   as targets) and ``gkd_anchor`` (plus KD-only anchor prompts).
+3. Every model is evaluated on held-out images of each out-of-domain family (general and dense prompt:
+   are indoor domain objects named where there are none?), reported per family and pooled into near OOD
+   (the families the base learnt) and far OOD (the held-out one), with each run's share of SFT's excess
+   over the base removed; on indoor images (dense prompt: field F1) and text-only chat (perplexity vs the
+   base). All of it lands in ``report.md`` / ``report.json`` / PNGs.
 Several seeds (of the domain runs) give a mean and a spread per metric.
 """
 
@@ -29,25 +31,50 @@ import yaml
 from ..io import iter_jsonl, read_json_object, real_number, sha256_bytes, sha256_file
 from ..resources import shipped_configs_dir
 from .assets import DATA_DIR, TINY_MODEL_DIR, TINY_MODEL_STAMP, prepare_demo_assets
+from .synthetic import HELD_OUT_FAMILIES, NEAR_OOD_FAMILIES, OOD_FAMILIES, SPLIT_FILES
 
 logger = logging.getLogger("anchorkd")
 
-RUN_CONFIGS = {
-    "sft": "domain_sft.yaml",
-    "gkd": "domain_gkd.yaml",
-    "gkd_visual": "domain_gkd_visual.yaml",
+
+@dataclass(frozen=True)
+class DomainRun:
+    """A domain run of the testbed: its config and which shared testbed inputs it reads."""
+
+    config: str
+    anchor_set: bool = False  # custom.anchor.dataset is the testbed's anchor.jsonl
+    teacher_targets: bool = False  # the teacher writes targets: one cache for every seed
+
+
+DOMAIN_RUNS = {
+    "sft": DomainRun("domain_sft.yaml"),
+    "gkd": DomainRun("domain_gkd.yaml"),
+    "gkd_visual": DomainRun("domain_gkd_visual.yaml"),
+    "gkd_seqkd": DomainRun("domain_gkd_seqkd.yaml", teacher_targets=True),
+    "gkd_anchor": DomainRun("domain_gkd_anchor.yaml", anchor_set=True, teacher_targets=True),
 }
-RUN_NAMES = ("base", *RUN_CONFIGS)
+RUN_CONFIGS = {name: run.config for name, run in DOMAIN_RUNS.items()}
+RUN_NAMES = ("base", *DOMAIN_RUNS)
+DRIFT_RUN = "sft"
 BASE_CONFIG = "base.yaml"
-# Held-out outdoor images under both prompts (is indoor equipment named where there is none?) and
-# indoor images under the dense prompt (domain skill).
-EVAL_FILES = ("eval_outdoor.jsonl", "eval_outdoor_dense.jsonl", "eval_indoor.jsonl")
+# Out-of-domain images of every family under both prompts (is indoor equipment named where there is
+# none?) and indoor images under the dense prompt (domain skill).
+EVAL_FILES = (
+    SPLIT_FILES["eval_indoor"],
+    *(SPLIT_FILES[f"eval_{family}"] for family in OOD_FAMILIES),
+    *(SPLIT_FILES[f"eval_{family}_dense"] for family in OOD_FAMILIES),
+)
+# How the report pools the out-of-domain families: the ones the base learnt, and the held-out one.
+SCENE_GROUPS = {"near": NEAR_OOD_FAMILIES, "far": HELD_OUT_FAMILIES}
 HEADLINE_METRICS = (
     "ood_domain_object_rate",
+    "ood_domain_object_rate_near",
+    "ood_domain_object_rate_far",
+    "ood_excess_removed_near",
+    "ood_excess_removed_far",
     "chair_i",
-    "chair_s",
     "object_recall",
     "indomain_f1",
+    "rouge_l",
     "text_ppl",
     "text_ppl_change_pct",
 )
@@ -62,10 +89,11 @@ class TestbedSizes:
     base_batch: int = 8
     domain_steps: int = 100
     domain_batch: int = 4
-    eval_limit: int = 40  # samples per eval file
+    eval_limit: int = 40  # samples per eval file (the out-of-domain files hold 20 images each)
     text_eval_limit: int | None = None
     max_new_tokens: int = 160
     eval_batch: int = 8
+    max_completion_length: int | None = None  # teacher answers' limit; None keeps each run config's
 
     @classmethod
     def quick(cls) -> TestbedSizes:
@@ -78,6 +106,7 @@ class TestbedSizes:
             eval_limit=2,
             max_new_tokens=16,
             eval_batch=4,
+            max_completion_length=16,
         )
 
 
@@ -93,6 +122,10 @@ class TestbedPaths:
     @property
     def data(self) -> Path:
         return self.root / DATA_DIR
+
+    @property
+    def teacher_targets(self) -> Path:
+        return self.root / "cache" / "teacher_targets"
 
     def base_cache(self, key: str) -> Path:
         return self.root / "cache" / f"base-{key}"
@@ -192,20 +225,26 @@ def build_base(paths: TestbedPaths, sizes: TestbedSizes, seed: int = 0) -> tuple
 
 def train_domain_run(name: str, paths: TestbedPaths, base: Path, sizes: TestbedSizes, seed: int) -> Path:
     """Train one domain run from ``base``; returns its adapter checkpoint."""
+    run = DOMAIN_RUNS[name]
     out = paths.seed_dir(seed) / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
-    _train(
-        paths.configs / RUN_CONFIGS[name],
-        [
-            f"model.model={base}",
-            f"data.dataset=[{paths.data / 'train.jsonl'}]",
-            f"training.output_dir={out}",
-            f"training.max_steps={sizes.domain_steps}",
-            f"training.per_device_train_batch_size={sizes.domain_batch}",
-            f"training.save_steps={sizes.domain_steps}",
-            f"training.seed={seed}",
-        ],
-    )
+    overrides = [
+        f"model.model={base}",
+        f"data.dataset=[{paths.data / SPLIT_FILES['train']}]",
+        f"training.output_dir={out}",
+        f"training.max_steps={sizes.domain_steps}",
+        f"training.per_device_train_batch_size={sizes.domain_batch}",
+        f"training.save_steps={sizes.domain_steps}",
+        f"training.seed={seed}",
+    ]
+    if run.anchor_set:
+        overrides.append(f"custom.anchor.dataset=[{paths.data / SPLIT_FILES['anchor']}]")
+    if run.teacher_targets:
+        # Keyed by row, teacher and settings: the base answers each prompt once for all seeds and runs.
+        overrides.append(f"custom.teacher_targets.cache_dir={paths.teacher_targets}")
+        if sizes.max_completion_length is not None:
+            overrides.append(f"rlhf.max_completion_length={sizes.max_completion_length}")
+    _train(paths.configs / run.config, overrides)
     return _final_checkpoint(out)
 
 
@@ -252,7 +291,7 @@ def run_testbed(
     configs: str | Path | None = None,
     seeds: tuple[int, ...] = (0,),
     sizes: TestbedSizes | None = None,
-    runs: tuple[str, ...] = tuple(RUN_CONFIGS),
+    runs: tuple[str, ...] = tuple(DOMAIN_RUNS),
 ) -> TestbedResult:
     from ..eval.compare import compare_runs, example_captions
     from ..eval.report import write_comparison_report
@@ -293,7 +332,11 @@ def run_testbed(
             mark = lap(f"eval_{name}_seed{seed}", mark)
         first_seed_evals = first_seed_evals or eval_dirs
         per_seed[seed] = compare_runs(
-            eval_dirs, paths.seed_dir(seed) / "report", title=f"anchorkd testbed, seed {seed}"
+            eval_dirs,
+            paths.seed_dir(seed) / "report",
+            title=f"anchorkd testbed, seed {seed}",
+            scene_groups=SCENE_GROUPS,
+            drift_name=DRIFT_RUN if DRIFT_RUN in eval_dirs else None,
         )
 
     report_dir = paths.root / "report"

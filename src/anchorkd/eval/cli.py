@@ -26,6 +26,15 @@ def _run_spec(text: str) -> tuple[str, Path]:
     return name.strip(), Path(folder.strip())
 
 
+def _scene_group_spec(text: str) -> tuple[str, list[str]]:
+    """``NAME=SCENE[,SCENE...]`` of ``eval compare --scene-group``."""
+    name, sep, scenes = text.partition("=")
+    listed = [scene.strip() for scene in scenes.split(",") if scene.strip()]
+    if not sep or not name.strip() or not listed:
+        raise argparse.ArgumentTypeError(f"expected NAME=SCENE[,SCENE...], got {text!r}")
+    return name.strip(), listed
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -131,7 +140,19 @@ def _cmd_compare(ns) -> int:
         if name in runs:
             raise ConfigError("--run", f"run name {name!r} is given twice")
         runs[name] = folder
-    compare_runs(runs, ns.out, base_name=ns.base_name, title=ns.title)
+    scene_groups: dict[str, list[str]] = {}
+    for name, scenes in ns.scene_group or []:
+        if name in scene_groups:
+            raise ConfigError("--scene-group", f"group name {name!r} is given twice")
+        scene_groups[name] = scenes
+    compare_runs(
+        runs,
+        ns.out,
+        base_name=ns.base_name,
+        title=ns.title,
+        scene_groups=scene_groups,
+        drift_name=ns.drift_run,
+    )
     print(f"anchorkd: report in {Path(ns.out) / 'report.md'}")
     return 0
 
@@ -190,4 +211,16 @@ def register(subparsers) -> None:
     compare.add_argument("--base-name", default="base", help="run that the perplexity change refers to")
     compare.add_argument("--out", required=True, help="report folder")
     compare.add_argument("--title", default="anchorkd evaluation report")
+    compare.add_argument(
+        "--scene-group",
+        action="append",
+        type=_scene_group_spec,
+        metavar="NAME=SCENE[,SCENE...]",
+        help="add the OOD rate pooled over these scenes as ood_domain_object_rate_NAME (repeat per group)",
+    )
+    compare.add_argument(
+        "--drift-run",
+        metavar="NAME",
+        help="the drifting run (vanilla SFT): adds ood_excess_removed[_GROUP] = (drift - run) / (drift - base)",
+    )
     compare.set_defaults(handler=_cmd_compare)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +54,67 @@ def run_metrics(scores: Mapping[str, Any], text_eval: Mapping[str, Any] | None =
     metrics: dict[str, Any] = dict(scores["summary"])
     overall = scores.get("overall") or {}
     metrics.update({key: overall[key] for key in OVERALL_COUNTS if key in overall})
-    # The OOD rate per prompt style as well, e.g. ``ood_domain_object_rate_outdoor_dense``.
-    for group, values in (scores.get("groups") or {}).items():
+    # The OOD rate per scene and prompt style (``ood_domain_object_rate_outdoor_dense``) and per scene,
+    # both prompts pooled (``ood_domain_object_rate_outdoor``).
+    groups = scores.get("groups") or {}
+    for group, values in groups.items():
         if values.get("ood_captions"):
             metrics[f"ood_domain_object_rate_{group.replace('/', '_')}"] = values["ood_domain_object_rate"]
+    for scene in sorted({group.split("/")[0] for group in groups}):
+        rate = pooled_ood_rate(groups, [scene])
+        if rate is not None:
+            metrics[f"ood_domain_object_rate_{scene}"] = rate
     if text_eval is not None:
         metrics["text_ppl"] = finite_number(text_eval.get("ppl"))
         metrics["text_nll"] = finite_number(text_eval.get("nll"))
         metrics["text_tokens"] = text_eval.get("tokens")
         metrics["text_ppl_change_pct"] = finite_number(text_eval.get("ppl_change_pct"))
     return metrics
+
+
+def pooled_ood_rate(groups: Mapping[str, Mapping[str, Any]], scenes: Sequence[str]) -> float | None:
+    """Share of the out-of-domain captions of ``scenes`` (every prompt style) that name a domain object.
+
+    ``groups`` is ``scores.json``'s per ``scene/style`` block. None when those scenes have no OOD caption.
+    """
+    captions = leaked = 0
+    for group, values in groups.items():
+        if group.split("/")[0] in scenes and values.get("ood_captions"):
+            captions += values["ood_captions"]
+            leaked += values["ood_captions_with_domain_object"]
+    return leaked / captions if captions else None
+
+
+def excess_removed(run: float | None, drift: float | None, base: float | None) -> float | None:
+    """``(drift - run) / (drift - base)``: the share of the drifting run's excess over the base that a run
+    removes (1 = back to the base, 0 = no better than the drifting run, < 0 = worse). None when a value is
+    missing or the drifting run has no excess to remove."""
+    if run is None or drift is None or base is None or drift <= base:
+        return None
+    return (drift - run) / (drift - base)
+
+
+def add_scene_group_metrics(
+    metrics: Mapping[str, dict[str, Any]],
+    scores: Mapping[str, Mapping[str, Any]],
+    scene_groups: Mapping[str, Sequence[str]],
+    base_name: str,
+    drift_name: str | None,
+) -> None:
+    """Add ``ood_domain_object_rate_<group>`` per named scene group (e.g. ``near``: the out-of-domain
+    families the base learnt; ``far``: a held-out one) and, with a drifting run (vanilla SFT),
+    ``ood_excess_removed_<group>`` and ``ood_excess_removed`` (all OOD captions) for every run."""
+    for name, values in metrics.items():
+        groups = scores[name].get("groups") or {}
+        for group, scenes in scene_groups.items():
+            values[f"ood_domain_object_rate_{group}"] = pooled_ood_rate(groups, scenes)
+    if drift_name is None:
+        return
+    for key in ("", *(f"_{group}" for group in scene_groups)):
+        rate_key = f"ood_domain_object_rate{key}"
+        drift, base = metrics[drift_name].get(rate_key), metrics[base_name].get(rate_key)
+        for values in metrics.values():
+            values[f"ood_excess_removed{key}"] = excess_removed(values.get(rate_key), drift, base)
 
 
 def _examples_with_unique_ids(scores_by_run: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -105,13 +156,17 @@ def compare_runs(
     *,
     title: str = "anchorkd evaluation report",
     max_examples: int = 6,
+    scene_groups: Mapping[str, Sequence[str]] | None = None,
+    drift_name: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``report.md``, ``report.json`` and charts comparing evaluation folders; return the metrics.
 
     ``runs`` maps a run name to its evaluation folder, in the order the report shows them.
     ``text_ppl_change_pct`` of every run is measured against ``base_name``'s ``text_ppl`` (0.0 for the
     base itself); when the base run has no text evaluation, each run keeps the change its own text
-    evaluation recorded, if any.
+    evaluation recorded, if any. ``scene_groups`` (name -> scenes) adds the pooled OOD rate of each group;
+    ``drift_name`` (the vanilla SFT run) adds each run's share of that run's excess OOD rate over the base
+    that it removes (:func:`add_scene_group_metrics`).
     """
     from anchorkd.eval.report import write_comparison_report
 
@@ -119,6 +174,8 @@ def compare_runs(
         raise ConfigError("--run", "no run to compare")
     if base_name not in runs:
         raise ConfigError("--base-name", f"{base_name!r} is not one of the runs ({', '.join(runs)})")
+    if drift_name is not None and drift_name not in runs:
+        raise ConfigError("--drift-run", f"{drift_name!r} is not one of the runs ({', '.join(runs)})")
     loaded = {name: load_run(folder) for name, folder in runs.items()}
     metrics = {name: run_metrics(scores, text_eval) for name, (scores, text_eval) in loaded.items()}
 
@@ -127,6 +184,9 @@ def compare_runs(
         for values in metrics.values():
             if values.get("text_ppl") is not None:
                 values["text_ppl_change_pct"] = perplexity_change_pct(values["text_ppl"], base_ppl)
+    if scene_groups or drift_name is not None:
+        scores = {name: loaded_scores for name, (loaded_scores, _) in loaded.items()}
+        add_scene_group_metrics(metrics, scores, scene_groups or {}, base_name, drift_name)
 
     examples = _examples(loaded, max_examples)
     metadata = {

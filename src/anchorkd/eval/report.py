@@ -60,7 +60,11 @@ HALLUCINATION = MetricGroup(
     "Object hallucination (lower is better)",
     (
         MetricSpec("ood_domain_object_rate", "OOD domain-object rate", "lower", "fraction"),
-        # Per out-of-domain group, when the eval has outdoor images under both prompts (the testbed).
+        # Per scene group (`eval compare --scene-group`; the testbed: near = families the base learnt,
+        # far = the family held out of every training set).
+        MetricSpec("ood_domain_object_rate_near", "OOD rate: near-OOD families", "lower", "fraction"),
+        MetricSpec("ood_domain_object_rate_far", "OOD rate: held-out family", "lower", "fraction"),
+        # Per prompt style, when the eval has outdoor images under both prompts.
         MetricSpec(
             "ood_domain_object_rate_outdoor_dense", "OOD rate: outdoor, dense prompt", "lower", "fraction"
         ),
@@ -84,6 +88,15 @@ QUALITY = MetricGroup(
         MetricSpec("bleu", "BLEU", "higher", "number"),
     ),
 )
+# `eval compare --drift-run`: (drift - run) / (drift - base) of the OOD rate, per scene group.
+EXCESS_REMOVED = MetricGroup(
+    "Share of the drifting run's excess OOD rate over the base removed (higher is better)",
+    (
+        MetricSpec("ood_excess_removed", "Excess removed: all OOD captions", "higher", "fraction"),
+        MetricSpec("ood_excess_removed_near", "Excess removed: near-OOD families", "higher", "fraction"),
+        MetricSpec("ood_excess_removed_far", "Excess removed: held-out family", "higher", "fraction"),
+    ),
+)
 FLUENCY = MetricGroup(
     "Text fluency (lower perplexity is better)",
     (
@@ -91,7 +104,7 @@ FLUENCY = MetricGroup(
         MetricSpec("text_ppl_change_pct", "Perplexity change vs base", "lower", "percent"),
     ),
 )
-METRIC_GROUPS = (HALLUCINATION, QUALITY, FLUENCY)
+METRIC_GROUPS = (HALLUCINATION, QUALITY, EXCESS_REMOVED, FLUENCY)
 METRIC_SPECS = {spec.key: spec for group in METRIC_GROUPS for spec in group.metrics}
 
 
