@@ -5,12 +5,22 @@ flat shapes, yet a tiny vision model still has to *look* at the pixels to captio
 class has its own shape and colour family, while the position, size, count and shade of each object
 and the background vary from image to image.
 
-Two kinds of scene exist:
+Two kinds of scene carry the telecom use case:
 
 * ``indoor``: a telecom equipment room, the fine-tuning domain (racks, BBUs, cables, patch panels,
   labels);
 * ``outdoor``: a cell site seen from outside, out of domain and used to measure forgetting (sky,
   lattice towers, antennas, trees, buildings).
+
+Three more families, all out of domain, widen the world the base model knows, so forgetting can be
+measured on scenes that share nothing with the domain (``field`` is meant to be held out as far-OOD):
+
+* ``kitchen``: a tiled kitchen over a chequered floor (fridges, stoves, cupboards, tables, kettles);
+* ``street``: a city street under a pale sky (cars, buildings, lamp posts, traffic lights, trees);
+* ``field``: a pasture under the sky (cows, fences, haystacks, flowers, the sun).
+
+Every canonical object name is a key of the shipped object lexicon, so captions of any family are
+scored by the same CHAIR / recall metrics.
 
 All geometry is a fraction of the image side, so any side from ``MIN_IMAGE_SIZE`` to
 ``MAX_IMAGE_SIZE`` pixels works. Boxes are pixel *edge* coordinates ``(x1, y1, x2, y2)``: an object
@@ -31,11 +41,23 @@ from PIL import Image, ImageDraw
 
 INDOOR = "indoor"
 OUTDOOR = "outdoor"
-SCENE_KINDS = (INDOOR, OUTDOOR)
+KITCHEN = "kitchen"
+STREET = "street"
+FIELD = "field"
+SCENE_KINDS = (INDOOR, OUTDOOR, KITCHEN, STREET, FIELD)
 
 INDOOR_OBJECTS = ("rack", "bbu", "cable", "patch_panel", "label")
 OUTDOOR_OBJECTS = ("tower", "antenna", "tree", "sky", "building")
-OBJECTS_BY_KIND = {INDOOR: INDOOR_OBJECTS, OUTDOOR: OUTDOOR_OBJECTS}
+KITCHEN_OBJECTS = ("fridge", "stove", "cupboard", "table", "kettle")
+STREET_OBJECTS = ("vehicle", "building", "pole", "traffic_light", "tree", "sky")
+FIELD_OBJECTS = ("cow", "fence", "haystack", "flower", "sun", "sky")
+OBJECTS_BY_KIND = {
+    INDOOR: INDOOR_OBJECTS,
+    OUTDOOR: OUTDOOR_OBJECTS,
+    KITCHEN: KITCHEN_OBJECTS,
+    STREET: STREET_OBJECTS,
+    FIELD: FIELD_OBJECTS,
+}
 
 # Below 64 px the smallest parts (LEDs, patch-panel ports) vanish; above 1024 px a 2-pixel object
 # could round to a zero-width box on the 0..1000 grid.
@@ -71,7 +93,7 @@ class Scene:
 
 
 # --------------------------------------------------------------------------------------------------
-# Small helpers shared by both scene kinds
+# Small helpers shared by all scene kinds
 # --------------------------------------------------------------------------------------------------
 
 
@@ -639,7 +661,531 @@ def draw_outdoor_scene(rng: np.random.Generator, size: int) -> Scene:
     return Scene(OUTDOOR, canvas.image, canvas.objects)
 
 
-_DRAWERS = {INDOOR: draw_indoor_scene, OUTDOOR: draw_outdoor_scene}
+# --------------------------------------------------------------------------------------------------
+# Kitchen: tiled walls, chequered floor
+# --------------------------------------------------------------------------------------------------
+
+TILE_COLOURS: tuple[Colour, ...] = ((236, 232, 220), (196, 222, 232), (222, 236, 204), (242, 222, 204))
+FRIDGE_COLOURS: tuple[Colour, ...] = ((238, 240, 242), (192, 196, 202))
+KETTLE_COLOURS: tuple[Colour, ...] = ((214, 40, 40), (28, 160, 164), (236, 196, 30))
+
+
+def _draw_kitchen_room(rng: np.random.Generator, canvas: _Canvas) -> int:
+    """A pale wall of square tiles above a chequered floor; returns the y where the floor starts."""
+    s = canvas.size
+    wall = _jitter(rng, TILE_COLOURS[int(rng.integers(len(TILE_COLOURS)))], 8)
+    floor_y = _frac(rng, s, 0.7, 0.82)
+    canvas.fill_box((0, 0, s, floor_y), wall)
+    grout = _darker(wall, 34)
+    tile = _frac(rng, s, 0.05, 0.08)
+    for y in range(int(rng.integers(0, tile)), floor_y, tile):
+        canvas.draw.line((0, y, s, y), fill=grout, width=1)
+    for x in range(int(rng.integers(0, tile)), s, tile):
+        canvas.draw.line((x, 0, x, floor_y), fill=grout, width=1)
+
+    light = _jitter(rng, (226, 214, 190), 12)
+    dark = _jitter(rng, (92, 78, 70), 12)
+    canvas.fill_box((0, floor_y, s, s), light)
+    check = _frac(rng, s, 0.07, 0.12)
+    for row, y in enumerate(range(floor_y, s, check)):
+        for col, x in enumerate(range(0, s, check)):
+            if (row + col) % 2:
+                canvas.fill_box((x, y, min(s, x + check), min(s, y + check)), dark)
+    return floor_y
+
+
+def _draw_fridge(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A tall white or steel box split into freezer and fridge doors, each with a dark handle."""
+    s = canvas.size
+    shell = _jitter(rng, FRIDGE_COLOURS[int(rng.integers(len(FRIDGE_COLOURS)))], 8)
+    canvas.fill_box(box, shell, outline=_darker(shell, 70))
+    x1, y1, x2, y2 = box
+    split = y1 + round((y2 - y1) * rng.uniform(0.28, 0.4))
+    canvas.draw.line((x1, split, x2 - 1, split), fill=_darker(shell, 70), width=1)
+    handle = _darker(shell, 110)
+    hx = x2 - 2 - max(2, round(s * 0.02))
+    hw = max(1, round(s * 0.01))
+    for top, bottom in ((y1 + 3, split - 3), (split + 3, split + 3 + (y2 - split) // 3)):
+        if bottom > top:
+            canvas.fill_box((hx, top, hx + hw, bottom), handle)
+
+
+def _draw_stove(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A black cooker: glowing burners on its top edge, a row of knobs and a dark oven window."""
+    s = canvas.size
+    body = _jitter(rng, (46, 46, 50), 8)
+    canvas.fill_box(box, body, outline=_darker(body, 20))
+    x1, y1, x2, y2 = box
+    height = y2 - y1
+    top_strip = y1 + max(3, round(height * 0.14))
+    canvas.fill_box((x1, y1, x2, top_strip), _lighter(body, 30))
+    glow = _jitter(rng, (236, 96, 40), 16)
+    burners = 2 if x2 - x1 < s * 0.2 else 3
+    pitch = (x2 - x1) / burners
+    for i in range(burners):
+        bx1 = x1 + i * pitch + pitch * 0.18
+        canvas.draw.ellipse((bx1, y1 + 1, x1 + (i + 1) * pitch - pitch * 0.18, top_strip - 2), fill=glow)
+    knob = max(2, round(s * 0.014))
+    knob_y = top_strip + max(2, round(height * 0.06))
+    for kx in np.linspace(x1 + 3, x2 - 3 - knob, 4):
+        canvas.draw.ellipse((kx, knob_y, kx + knob, knob_y + knob), fill=(225, 225, 225))
+    window_top = knob_y + knob + max(2, round(height * 0.08))
+    if y2 - 4 > window_top + 2:
+        canvas.fill_box((x1 + 4, window_top, x2 - 4, y2 - 4), _jitter(rng, (70, 44, 30), 8))
+
+
+def _draw_cupboard(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A light oak wall cupboard with two doors (a centre seam) and a small knob on each."""
+    s = canvas.size
+    wood = _jitter(rng, (208, 164, 104), 14)
+    edge = _darker(wood, 70)
+    canvas.fill_box(box, wood, outline=edge)
+    x1, y1, x2, y2 = box
+    cx = (x1 + x2) // 2
+    canvas.draw.line((cx, y1, cx, y2 - 1), fill=edge, width=1)
+    knob = max(2, round(s * 0.012))
+    ky = y1 + (y2 - y1) * 2 // 3
+    for kx in (cx - 2 - knob, cx + 3):
+        canvas.fill_box((kx, ky, kx + knob, ky + knob), _darker(wood, 110))
+
+
+def _draw_table(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A dark walnut table seen from the front: a thick top on two legs."""
+    s = canvas.size
+    wood = _jitter(rng, (112, 70, 38), 12)
+    x1, y1, x2, y2 = box
+    top = y1 + max(2, round(s * 0.025))
+    leg = max(2, round(s * 0.022))
+    inset = max(1, round((x2 - x1) * 0.08))
+    canvas.fill_box((x1, y1, x2, top), wood, outline=_darker(wood, 30))
+    canvas.fill_box((x1 + inset, top, x1 + inset + leg, y2), _darker(wood, 18))
+    canvas.fill_box((x2 - inset - leg, top, x2 - inset, y2), _darker(wood, 18))
+
+
+def _draw_kettle(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A brightly coloured kettle: a round body, a spout on one side and a handle loop on top."""
+    colour = _jitter(rng, KETTLE_COLOURS[int(rng.integers(len(KETTLE_COLOURS)))], 16)
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    spout = max(2, round(w * 0.25))
+    body_top = y1 + max(2, round(h * 0.3))
+    canvas.draw.ellipse((x1 + spout - 1, body_top, x2 - 1, y2 - 1 + (y2 - body_top) // 2), fill=colour)
+    canvas.fill_box((x1 + spout - 1, (body_top + y2) // 2, x2, y2), colour)
+    canvas.draw.polygon(
+        [(x1, body_top), (x1 + spout, (body_top + y2) // 2), (x1 + spout, y2 - 2)], fill=colour
+    )
+    canvas.draw.rectangle(
+        (x1 + spout + w // 6, y1, x2 - 1 - w // 6, body_top + 1), outline=_darker(colour, 60), width=1
+    )
+
+
+def draw_kitchen_scene(rng: np.random.Generator, size: int) -> Scene:
+    """Draw a kitchen: a random subset of fridges, stoves, tables, wall cupboards and kettles.
+
+    Fridges, stoves and tables stand on the floor in disjoint horizontal spans; cupboards hang on the
+    wall clear of the fridges; a kettle sits on a stove or a table top.
+    """
+    s = size
+    canvas = _Canvas(s, (0, 0, 0))
+    floor_y = _draw_kitchen_room(rng, canvas)
+    edge, gap = round(s * 0.02), round(s * 0.025)
+
+    spans: list[tuple[int, int]] = []
+    tall: list[Box] = []
+    surfaces: list[Box] = []
+    units = (
+        ["fridge"] * _pick_count(rng, (0.45, 0.55))
+        + ["stove"] * _pick_count(rng, (0.4, 0.5, 0.1))
+        + ["table"] * _pick_count(rng, (0.4, 0.5, 0.1))
+    )
+    rng.shuffle(units)
+    for name in units:
+        width = _frac(rng, s, 0.22, 0.34) if name == "table" else _frac(rng, s, 0.16, 0.24)
+        span = _claim_span(rng, width, edge, s - edge, spans, gap)
+        if span is None:
+            continue
+        if name == "table":
+            foot = min(s - 1, floor_y + _frac(rng, s, 0.06, 0.14))
+            height = _frac(rng, s, 0.16, 0.22)
+        else:
+            foot = min(s - 1, floor_y + _frac(rng, s, 0.01, 0.05))
+            height = _frac(rng, s, 0.46, 0.62) if name == "fridge" else _frac(rng, s, 0.24, 0.3)
+        box = (span[0], foot - height, span[1], foot)
+        {"fridge": _draw_fridge, "stove": _draw_stove, "table": _draw_table}[name](rng, canvas, box)
+        canvas.annotate(name, box)
+        (tall if name == "fridge" else surfaces).append(box)
+
+    cupboards: list[Box] = []
+    wall_spans: list[tuple[int, int]] = []
+    for _ in range(_pick_count(rng, (0.3, 0.35, 0.25, 0.1))):
+        span = _claim_span(rng, _frac(rng, s, 0.16, 0.28), edge, s - edge, wall_spans, gap)
+        if span is None:
+            continue
+        top = _frac(rng, s, 0.03, 0.12)
+        box = (span[0], top, span[1], top + _frac(rng, s, 0.13, 0.2))
+        if any(_boxes_overlap(box, other, margin=2) for other in tall):
+            continue
+        _draw_cupboard(rng, canvas, box)
+        canvas.annotate("cupboard", box)
+        cupboards.append(box)
+
+    kettles = _pick_count(rng, (0.35, 0.45, 0.2))
+    order = rng.permutation(len(surfaces))
+    for index in order[:kettles]:
+        sx1, sy1, sx2, _ = surfaces[int(index)]
+        w, h = _frac(rng, s, 0.07, 0.09), _frac(rng, s, 0.06, 0.08)
+        if sx2 - sx1 < w + 4 or sy1 - h < 1:
+            continue
+        x1 = int(rng.integers(sx1 + 2, sx2 - w - 1))
+        box = (x1, sy1 - h, x1 + w, sy1)
+        if any(_boxes_overlap(box, other, margin=1) for other in cupboards):
+            continue
+        _draw_kettle(rng, canvas, box)
+        canvas.annotate("kettle", box)
+
+    return Scene(KITCHEN, canvas.image, canvas.objects)
+
+
+# --------------------------------------------------------------------------------------------------
+# Street: road, pavement and city blocks under a pale sky
+# --------------------------------------------------------------------------------------------------
+
+CAR_COLOURS: tuple[Colour, ...] = (
+    (200, 30, 36),
+    (30, 80, 200),
+    (240, 200, 20),
+    (245, 245, 245),
+    (30, 30, 34),
+)
+
+
+def _draw_street_ground(rng: np.random.Generator, canvas: _Canvas, horizon: int) -> tuple[int, int]:
+    """Pale paving from the horizon down to an asphalt road with a dashed centre line.
+
+    Returns the y of the kerb (top of the road) and of the road's lower edge.
+    """
+    s = canvas.size
+    paving = _jitter(rng, (176, 170, 160), 10)
+    canvas.fill_box((0, horizon, s, s), paving)
+    joint = _darker(paving, 22)
+    slab = _frac(rng, s, 0.06, 0.1)
+    for x in range(int(rng.integers(0, slab)), s, slab):
+        canvas.draw.line((x, horizon, x, s), fill=joint, width=1)
+    road_top = _frac(rng, s, 0.64, 0.72)
+    road_bottom = min(s, road_top + _frac(rng, s, 0.2, 0.26))
+    asphalt = _jitter(rng, (66, 68, 72), 8)
+    canvas.fill_box((0, road_top, s, road_bottom), asphalt)
+    canvas.fill_box((0, road_top - max(2, round(s * 0.012)), s, road_top), _lighter(paving, 30))
+    paint = _jitter(rng, (236, 226, 150), 10)
+    mid = (road_top + road_bottom) // 2
+    dash = _frac(rng, s, 0.06, 0.1)
+    for x in range(int(rng.integers(1, 2 * dash + 1)) - dash, s, 2 * dash):
+        canvas.fill_box((max(0, x), mid - 1, min(s, x + dash), mid + 1), paint)
+    return road_top, road_bottom
+
+
+def _draw_car(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A side view of a car: a coloured body, a narrower cabin with windows and two black wheels."""
+    paint = _jitter(rng, CAR_COLOURS[int(rng.integers(len(CAR_COLOURS)))], 14)
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    wheel = max(3, round(h * 0.42))
+    body_top = y1 + round(h * 0.4)
+    body_bottom = y2 - wheel // 2
+    cabin = (x1 + round(w * 0.22), y1, x2 - round(w * 0.18), body_top + 1)
+    canvas.draw.rectangle((cabin[0], cabin[1], cabin[2] - 1, cabin[3]), fill=paint)
+    glass = (150, 190, 215)
+    if cabin[3] - cabin[1] > 4:
+        mid = (cabin[0] + cabin[2]) // 2
+        canvas.fill_box((cabin[0] + 2, cabin[1] + 2, mid - 1, body_top - 1), glass)
+        canvas.fill_box((mid + 1, cabin[1] + 2, cabin[2] - 2, body_top - 1), glass)
+    canvas.fill_box((x1, body_top, x2, body_bottom), paint, outline=_darker(paint, 40))
+    tyre = (24, 24, 26)
+    for cx in (x1 + round(w * 0.24), x2 - round(w * 0.24)):
+        canvas.draw.ellipse((cx - wheel // 2, y2 - wheel, cx - wheel // 2 + wheel - 1, y2 - 1), fill=tyre)
+
+
+def _draw_lamp_post(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A slim dark-green post with an arm at the top and a lamp hanging from the arm's end."""
+    s = canvas.size
+    metal = _jitter(rng, (44, 72, 60), 8)
+    x1, y1, x2, y2 = box
+    post = max(2, round(s * 0.012))
+    lamp_h = max(2, round(s * 0.02))
+    left = rng.random() < 0.5
+    px = x2 - post if left else x1
+    canvas.fill_box((px, y1, px + post, y2), metal)
+    canvas.fill_box((x1, y1, x2, y1 + post), metal)
+    lx = x1 if left else x2 - max(3, post + 2)
+    canvas.fill_box(
+        (lx, y1 + post, lx + max(3, post + 2), y1 + post + lamp_h), _jitter(rng, (250, 236, 160), 6)
+    )
+
+
+def _draw_traffic_light(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A grey post under a black signal head with red, amber and green lamps, one of them lit."""
+    s = canvas.size
+    x1, y1, x2, y2 = box
+    w = x2 - x1
+    head_bottom = y1 + round(w * 2.6)
+    post = max(2, round(s * 0.012))
+    cx = (x1 + x2) // 2
+    canvas.fill_box(
+        (cx - post // 2, head_bottom, cx - post // 2 + post, y2), _jitter(rng, (112, 114, 118), 8)
+    )
+    canvas.fill_box((x1, y1, x2, head_bottom), (26, 26, 28))
+    lit = int(rng.integers(3))
+    lamp = max(2, w - 4)
+    pitch = (head_bottom - y1) / 3
+    for i, colour in enumerate(((230, 40, 30), (245, 170, 20), (40, 210, 80))):
+        ly = y1 + i * pitch + (pitch - lamp) / 2
+        fill = colour if i == lit else _darker(colour, 130)
+        canvas.draw.ellipse((x1 + 2, ly, x1 + 2 + lamp - 1, ly + lamp - 1), fill=fill)
+
+
+def draw_street_scene(rng: np.random.Generator, size: int) -> Scene:
+    """Draw a city street: buildings behind the pavement, lamp posts, traffic lights and trees on it,
+    cars on the road, and a strip of pale sky above.
+
+    Buildings get disjoint spans among themselves, the things on the pavement among themselves and the
+    cars among themselves, so every object stays countable.
+    """
+    s = size
+    canvas = _Canvas(s, (0, 0, 0))
+    horizon = _frac(rng, s, 0.2, 0.36)
+    top, bottom = _jitter(rng, (196, 210, 222), 10), _jitter(rng, (230, 230, 226), 8)
+    for y in range(horizon):
+        canvas.draw.line((0, y, s, y), fill=_blend(top, bottom, y / max(1, horizon - 1)))
+    canvas.annotate("sky", (0, 0, s, horizon))
+    road_top, road_bottom = _draw_street_ground(rng, canvas, horizon)
+    edge, gap = round(s * 0.02), round(s * 0.02)
+
+    block_spans: list[tuple[int, int]] = []
+    for _ in range(_pick_count(rng, (0.15, 0.3, 0.35, 0.2))):
+        span = _claim_span(rng, _frac(rng, s, 0.2, 0.32), edge, s - edge, block_spans, gap)
+        if span is None:
+            continue
+        foot = road_top - _frac(rng, s, 0.06, 0.12)
+        box = canvas.clip((span[0], foot - _frac(rng, s, 0.3, 0.55), span[1], foot))
+        _draw_building(rng, canvas, box)
+        canvas.annotate("building", box)
+
+    kerb_spans: list[tuple[int, int]] = []
+    kerb_things = (
+        ["pole"] * _pick_count(rng, (0.3, 0.4, 0.3))
+        + ["traffic_light"] * _pick_count(rng, (0.4, 0.45, 0.15))
+        + ["tree"] * _pick_count(rng, (0.4, 0.35, 0.25))
+    )
+    rng.shuffle(kerb_things)
+    for name in kerb_things:
+        width = {
+            "pole": _frac(rng, s, 0.07, 0.1),
+            "traffic_light": _frac(rng, s, 0.04, 0.055),
+            "tree": _frac(rng, s, 0.1, 0.16),
+        }[name]
+        span = _claim_span(rng, width, edge, s - edge, kerb_spans, gap)
+        if span is None:
+            continue
+        foot = road_top - _frac(rng, s, 0.015, 0.04)
+        height = {
+            "pole": _frac(rng, s, 0.36, 0.5),
+            "traffic_light": _frac(rng, s, 0.3, 0.4),
+            "tree": _frac(rng, s, 0.2, 0.3),
+        }[name]
+        box = (span[0], max(0, foot - height), span[1], foot)
+        {"pole": _draw_lamp_post, "traffic_light": _draw_traffic_light, "tree": _draw_tree}[name](
+            rng, canvas, box
+        )
+        canvas.annotate(name, box)
+
+    car_spans: list[tuple[int, int]] = []
+    for _ in range(_pick_count(rng, (0.2, 0.35, 0.3, 0.15))):
+        span = _claim_span(rng, _frac(rng, s, 0.18, 0.26), 0, s, car_spans, gap)
+        if span is None:
+            continue
+        height = _frac(rng, s, 0.08, 0.11)
+        low, high = road_top + height + 1, max(road_top + height + 2, road_bottom - 1)
+        foot = min(s, int(rng.integers(low, high)))
+        box = (span[0], foot - height, span[1], foot)
+        _draw_car(rng, canvas, box)
+        canvas.annotate("vehicle", box)
+
+    return Scene(STREET, canvas.image, canvas.objects)
+
+
+# --------------------------------------------------------------------------------------------------
+# Field: green pasture under the sky
+# --------------------------------------------------------------------------------------------------
+
+FLOWER_COLOURS: tuple[Colour, ...] = ((230, 50, 120), (150, 70, 210), (250, 250, 250), (240, 90, 40))
+
+
+def _draw_pasture(rng: np.random.Generator, canvas: _Canvas, horizon: int) -> None:
+    """Rolling dark-green hills on the horizon, then bright grass with tufts down to the bottom."""
+    s = canvas.size
+    hill = _jitter(rng, (62, 122, 58), 10)
+    for _ in range(int(rng.integers(1, 4))):
+        cx, rx, ry = s * rng.uniform(0, 1), s * rng.uniform(0.2, 0.45), s * rng.uniform(0.04, 0.09)
+        canvas.draw.ellipse((cx - rx, horizon - ry, cx + rx, horizon + ry), fill=hill)
+    grass = _jitter(rng, (112, 184, 64), 12)
+    canvas.fill_box((0, horizon, s, s), grass)
+    tuft = _darker(grass, 36)
+    tuft_h = max(2, round(s * 0.02))
+    for _ in range(int(rng.integers(20, 40))):
+        x, y = int(rng.integers(0, s)), int(rng.integers(horizon + tuft_h, s))
+        canvas.draw.line((x, y - tuft_h, x, y), fill=tuft, width=1)
+
+
+def _draw_sun(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    canvas.draw.ellipse((box[0], box[1], box[2] - 1, box[3] - 1), fill=_jitter(rng, (252, 222, 64), 6))
+
+
+def _draw_fence(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A grey-brown wooden fence run: evenly spaced posts joined by two rails."""
+    s = canvas.size
+    wood = _jitter(rng, (122, 98, 74), 10)
+    x1, y1, x2, y2 = box
+    rail = max(1, round(s * 0.01))
+    for ry in (y1 + (y2 - y1) // 4, y1 + (y2 - y1) * 3 // 5):
+        canvas.fill_box((x1, ry, x2, ry + rail), wood)
+    post = max(2, round(s * 0.014))
+    posts = max(2, round((x2 - x1) / (s * 0.07)) + 1)
+    for px in np.linspace(x1, x2 - post, posts):
+        canvas.fill_box((int(px), y1, int(px) + post, y2), _darker(wood, 16))
+
+
+def _draw_cow(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A white cow with black patches seen from the side: body, head at one end and four legs."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    hide = _jitter(rng, (242, 240, 234), 8)
+    dark = _jitter(rng, (30, 28, 28), 6)
+    left = rng.random() < 0.5
+    head_w = max(2, round(w * 0.26))
+    body = (x1 + head_w - 2, y1 + round(h * 0.18), x2 - 1, y1 + round(h * 0.7))
+    if not left:
+        body = (x1, body[1], x2 - head_w + 1, body[3])
+    leg = max(1, round(w * 0.05))
+    for t in (0.08, 0.24, 0.7, 0.86):
+        lx = body[0] + round((body[2] - body[0]) * t)
+        canvas.fill_box((lx, (body[1] + body[3]) // 2, lx + leg, y2), dark)
+    canvas.draw.ellipse(body, fill=hide, outline=_darker(hide, 60))
+    for _ in range(int(rng.integers(1, 4))):
+        px = body[0] + (body[2] - body[0]) * rng.uniform(0.2, 0.65)
+        py = body[1] + (body[3] - body[1]) * rng.uniform(0.15, 0.5)
+        rx, ry = w * rng.uniform(0.06, 0.12), h * rng.uniform(0.06, 0.12)
+        canvas.draw.ellipse((px - rx, py - ry, px + rx, py + ry), fill=dark)
+    hx1 = x1 if left else x2 - head_w
+    canvas.draw.ellipse((hx1, y1, hx1 + head_w - 1, y1 + round(h * 0.42)), fill=hide, outline=dark)
+
+
+def _draw_haystack(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A golden dome of hay with a few darker straw streaks."""
+    x1, y1, x2, y2 = box
+    hay = _jitter(rng, (226, 186, 72), 12)
+    canvas.draw.pieslice((x1, y1, x2 - 1, y1 + 2 * (y2 - y1) - 1), 180, 360, fill=hay)
+    streak = _darker(hay, 50)
+    for t in (0.3, 0.5, 0.7):
+        sx = x1 + round((x2 - x1) * t)
+        canvas.draw.line(
+            (sx, y1 + (y2 - y1) // 3, sx + int(rng.integers(-2, 3)), y2 - 2), fill=streak, width=1
+        )
+
+
+def _draw_flower(rng: np.random.Generator, canvas: _Canvas, box: Box) -> None:
+    """A round bloom with a yellow heart on a green stem."""
+    x1, y1, x2, y2 = box
+    w = x2 - x1
+    cx = (x1 + x2) // 2
+    canvas.draw.line((cx, y1 + w // 2, cx, y2 - 1), fill=(40, 110, 36), width=max(1, w // 5))
+    petals = _jitter(rng, FLOWER_COLOURS[int(rng.integers(len(FLOWER_COLOURS)))], 12)
+    canvas.draw.ellipse((x1, y1, x2 - 1, y1 + w - 1), fill=petals)
+    heart = max(1, w // 3)
+    canvas.draw.ellipse(
+        (
+            cx - heart // 2,
+            y1 + w // 2 - heart // 2,
+            cx - heart // 2 + heart - 1,
+            y1 + w // 2 - heart // 2 + heart - 1,
+        ),
+        fill=(250, 210, 40),
+    )
+
+
+def draw_field_scene(rng: np.random.Generator, size: int) -> Scene:
+    """Draw a pasture: sky and sun, fences along the horizon, cows and haystacks in the grass and
+    flowers in the foreground.
+
+    Fences, the large animals and stacks, and the flowers each get disjoint spans of their own, so
+    every object stays countable; the sun sits wholly inside the sky.
+    """
+    s = size
+    canvas = _Canvas(s, (0, 0, 0))
+    has_sky = rng.random() < 0.95
+    horizon = _frac(rng, s, 0.3, 0.48) if has_sky else 0
+    if has_sky:
+        top, bottom = _jitter(rng, (96, 170, 232), 14), _jitter(rng, (214, 236, 246), 8)
+        for y in range(horizon):
+            canvas.draw.line((0, y, s, y), fill=_blend(top, bottom, y / max(1, horizon - 1)))
+        canvas.annotate("sky", (0, 0, s, horizon))
+        if rng.random() < 0.6:
+            d = _frac(rng, s, 0.08, 0.13)
+            if horizon - d - 4 > 2:
+                x1 = int(rng.integers(2, s - d - 2))
+                y1 = int(rng.integers(2, horizon - d - 4))
+                box = (x1, y1, x1 + d, y1 + d)
+                _draw_sun(rng, canvas, box)
+                canvas.annotate("sun", box)
+    _draw_pasture(rng, canvas, horizon)
+    edge, gap = round(s * 0.02), round(s * 0.03)
+
+    fence_spans: list[tuple[int, int]] = []
+    for _ in range(_pick_count(rng, (0.4, 0.4, 0.2))):
+        span = _claim_span(rng, _frac(rng, s, 0.25, 0.5), 0, s, fence_spans, gap)
+        if span is None:
+            continue
+        foot = horizon + _frac(rng, s, 0.06, 0.12)
+        box = (span[0], foot - _frac(rng, s, 0.07, 0.1), span[1], foot)
+        _draw_fence(rng, canvas, box)
+        canvas.annotate("fence", box)
+
+    herd_spans: list[tuple[int, int]] = []
+    herd = ["cow"] * _pick_count(rng, (0.25, 0.35, 0.25, 0.15)) + ["haystack"] * _pick_count(
+        rng, (0.45, 0.4, 0.15)
+    )
+    rng.shuffle(herd)
+    for name in herd:
+        width = _frac(rng, s, 0.15, 0.22) if name == "cow" else _frac(rng, s, 0.12, 0.18)
+        span = _claim_span(rng, width, edge, s - edge, herd_spans, gap)
+        if span is None:
+            continue
+        height = round(width * (rng.uniform(0.62, 0.72) if name == "cow" else rng.uniform(0.55, 0.75)))
+        foot = min(round(s * 0.86), horizon + height + _frac(rng, s, 0.12, 0.4))
+        box = (span[0], foot - height, span[1], foot)
+        (_draw_cow if name == "cow" else _draw_haystack)(rng, canvas, box)
+        canvas.annotate(name, box)
+
+    flower_spans: list[tuple[int, int]] = []
+    for _ in range(_pick_count(rng, (0.3, 0.2, 0.2, 0.15, 0.1, 0.05))):
+        width = _frac(rng, s, 0.035, 0.05)
+        span = _claim_span(rng, width, edge, s - edge, flower_spans, gap)
+        if span is None:
+            continue
+        foot = s - _frac(rng, s, 0.01, 0.06)
+        box = (span[0], foot - _frac(rng, s, 0.07, 0.1), span[1], foot)
+        _draw_flower(rng, canvas, box)
+        canvas.annotate("flower", box)
+
+    return Scene(FIELD, canvas.image, canvas.objects)
+
+
+_DRAWERS = {
+    INDOOR: draw_indoor_scene,
+    OUTDOOR: draw_outdoor_scene,
+    KITCHEN: draw_kitchen_scene,
+    STREET: draw_street_scene,
+    FIELD: draw_field_scene,
+}
 
 
 def draw_scene(kind: str, rng: np.random.Generator, size: int) -> Scene:

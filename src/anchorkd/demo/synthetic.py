@@ -44,6 +44,7 @@ from anchorkd.demo.scenes import (
     KITCHEN,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
+    OBJECTS_BY_KIND,
     OUTDOOR,
     OUTDOOR_OBJECTS,
     STREET,
@@ -120,6 +121,19 @@ CAPTION_WORDS = {
     "tree": ("tree", "trees"),
     "sky": ("sky", "sky"),
     "building": ("building", "buildings"),
+    "fridge": ("fridge", "fridges"),
+    "stove": ("stove", "stoves"),
+    "cupboard": ("cupboard", "cupboards"),
+    "table": ("table", "tables"),
+    "kettle": ("kettle", "kettles"),
+    "vehicle": ("car", "cars"),
+    "pole": ("lamp post", "lamp posts"),
+    "traffic_light": ("traffic light", "traffic lights"),
+    "cow": ("cow", "cows"),
+    "fence": ("fence", "fences"),
+    "haystack": ("haystack", "haystacks"),
+    "flower": ("flower", "flowers"),
+    "sun": ("sun", "suns"),
 }
 # Dense captions name each object by its general-caption word ("BBU", "patch panel"), after a bullet:
 # the tiny base model then reuses tokens it already emits in general captions (`` rack``, `` BBU``).
@@ -236,6 +250,26 @@ _OUTDOOR_TEMPLATES = (
     "A cell site outdoors with {items}{sky}.",
     "An outside view of {items}{sky}.",
 )
+_KITCHEN_TEMPLATES = (
+    "A kitchen with {items}.",
+    "A home kitchen containing {items}.",
+    "A view inside a kitchen showing {items}.",
+    "A tiled kitchen that holds {items}.",
+)
+_STREET_TEMPLATES = (
+    "A city street with {items}{sky}.",
+    "An urban street scene showing {items}{sky}.",
+    "A view along a town road with {items}{sky}.",
+    "A busy street with {items}{sky}.",
+)
+_FIELD_TEMPLATES = (
+    "A green field with {items}{sky}.",
+    "A pasture showing {items}{sky}.",
+    "A grassy meadow with {items}{sky}.",
+    "A view across farmland with {items}{sky}.",
+)
+# What follows the listed objects when the sky (and, in a field, the sun) is drawn: neither is counted.
+_SKY_PHRASES = {STREET: " under a pale sky", FIELD: " under a blue sky"}
 
 
 def _counted(name: str, count: int) -> str:
@@ -253,20 +287,36 @@ def general_caption(kind: str, objects: Iterable[dict[str, Any]], rng: np.random
     """One sentence naming every object class present, with counts, e.g.
     "An indoor equipment room with 2 racks, a BBU, 3 cables and a patch panel."
 
-    Classes are listed in their canonical order; the sentence frame is drawn from a few templates so
-    the model cannot get away with memorising one fixed string. The sky is not counted but phrased as
-    "under a blue sky".
+    Classes are listed in their kind's canonical order (``OBJECTS_BY_KIND``); the sentence frame is
+    drawn from a few templates so the model cannot get away with memorising one fixed string. The sky
+    and the sun are not counted but phrased as "under a blue sky" and "and a bright sun".
     """
+    if kind not in OBJECTS_BY_KIND:
+        raise ValueError(f"unknown scene kind {kind!r}; expected one of {tuple(OBJECTS_BY_KIND)}")
     counts = Counter(obj["name"] for obj in objects)
-    vocabulary = INDOOR_OBJECTS if kind == INDOOR else OUTDOOR_OBJECTS
-    items = [_counted(name, counts[name]) for name in vocabulary if counts[name] and name != "sky"]
+    uncounted = ("sky", "sun")
+    items = [
+        _counted(name, counts[name])
+        for name in OBJECTS_BY_KIND[kind]
+        if counts[name] and name not in uncounted
+    ]
     if kind == INDOOR:
         template = _INDOOR_TEMPLATES[int(rng.integers(len(_INDOOR_TEMPLATES)))]
         return template.format(items=_join_words(items) if items else "no equipment")
-    template = _OUTDOOR_TEMPLATES[int(rng.integers(len(_OUTDOOR_TEMPLATES)))]
+    if kind == OUTDOOR:
+        template = _OUTDOOR_TEMPLATES[int(rng.integers(len(_OUTDOOR_TEMPLATES)))]
+        if not items:
+            return "An outdoor view of an open blue sky." if counts["sky"] else "An empty outdoor scene."
+        return template.format(items=_join_words(items), sky=" under a blue sky" if counts["sky"] else "")
+    if kind == KITCHEN:
+        template = _KITCHEN_TEMPLATES[int(rng.integers(len(_KITCHEN_TEMPLATES)))]
+        return template.format(items=_join_words(items) if items else "bare walls")
+    templates = _STREET_TEMPLATES if kind == STREET else _FIELD_TEMPLATES
+    template = templates[int(rng.integers(len(templates)))]
+    sky = (_SKY_PHRASES[kind] if counts["sky"] else "") + (" and a bright sun" if counts["sun"] else "")
     if not items:
-        return "An outdoor view of an open blue sky." if counts["sky"] else "An empty outdoor scene."
-    return template.format(items=_join_words(items), sky=" under a blue sky" if counts["sky"] else "")
+        return f"An empty {kind}{sky}."
+    return template.format(items=_join_words(items), sky=sky)
 
 
 # --------------------------------------------------------------------------------------------------
