@@ -1,4 +1,4 @@
-"""`anchorkd demo --quick`: base -> sft / gkd / gkd_visual -> evaluation -> report, on the tiny model.
+"""`anchorkd demo --quick`: base -> every domain run -> evaluation -> report, on the tiny model.
 
 Quick sizes only check that the chain works and writes what it promises; the numbers are not meaningful
 at 2-3 steps (the real testbed results are in docs/evaluation.md).
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from anchorkd.cli import main
-from anchorkd.demo.testbed import HEADLINE_METRICS, RUN_NAMES
+from anchorkd.demo.testbed import DOMAIN_RUNS, HEADLINE_METRICS, RUN_NAMES
 
 pytestmark = pytest.mark.integration
 TESTBED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "testbed"
@@ -55,6 +55,9 @@ def check_telemetry(name: str, steps: list[dict]) -> None:
         assert ("vision_kd_loss" in record) == (name == "gkd_visual"), record
         if name == "gkd_visual":
             assert finite(record, "vision_kd_loss") > -1e-6
+        assert ("anchor_kd_loss" in record) == (name == "gkd_anchor"), record
+        if name == "gkd_anchor":
+            assert finite(record, "anchor_kd_loss") > -1e-6
     # Step 1: the student is still the base (LoRA B starts at zero), so it matches the teacher and the
     # loss is the CE term alone; after one update the KD term is active.
     assert abs(first["llm_kd_loss"]) < 1e-6
@@ -62,6 +65,11 @@ def check_telemetry(name: str, steps: list[dict]) -> None:
     assert last["llm_kd_loss"] > 0
     if name == "gkd_visual":
         assert last["vision_kd_loss"] > 0
+
+
+def sft_excess(report: dict, excess_key: str) -> float:
+    rate_key = excess_key.replace("ood_excess_removed", "ood_domain_object_rate")
+    return report["runs"]["sft"][rate_key] - report["runs"]["base"][rate_key]
 
 
 def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthetic_data_dir, capsys):
@@ -76,6 +84,10 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     assert list(report["runs"]) == list(RUN_NAMES)
     for name, metrics in report["runs"].items():
         for key in HEADLINE_METRICS:
+            if key.startswith("ood_excess_removed") and metrics[key] is None:
+                # Undefined when the 2-step SFT run names no more domain objects than the base.
+                assert sft_excess(report, key) <= 0
+                continue
             assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (name, key)
     assert report["runs"]["base"]["text_ppl_change_pct"] == 0.0
     assert report["metadata"]["base_cached"] is False
@@ -83,10 +95,18 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
         assert (root / "report" / png).stat().st_size > 1000
     markdown = (root / "report" / "report.md").read_text()
     assert all(f"`{name}`" in markdown for name in RUN_NAMES)
-    for name in ("sft", "gkd", "gkd_visual"):
+    for name in DOMAIN_RUNS:
         check_telemetry(name, step_records(root / "seed-0" / "runs" / name / "logging.jsonl"))
     out = capsys.readouterr().out
-    assert "report in" in out and "gkd_visual" in out
+    assert "report in" in out and all(name in out for name in DOMAIN_RUNS)
+    # Per family and pooled near / far OOD, with SFT's excess removed (1 for the base, 0 for SFT itself).
+    base, sft = report["runs"]["base"], report["runs"]["sft"]
+    for family in ("outdoor", "kitchen", "street", "field"):
+        assert 0.0 <= sft[f"ood_domain_object_rate_{family}"] <= 1.0
+    if sft["ood_domain_object_rate_far"] > base["ood_domain_object_rate_far"]:
+        assert (base["ood_excess_removed_far"], sft["ood_excess_removed_far"]) == (1.0, 0.0)
+    # The teacher answered the seq_kd and anchor prompts once, into the testbed's shared cache.
+    assert any((root / "cache" / "teacher_targets").rglob("*.json"))
 
     # A second run reuses the cached base (content hash unchanged).
     assert (

@@ -92,3 +92,10 @@ def test_aggregate_seeds_gives_mean_and_sample_std():
     assert runs["base"] == {"seeds": 3, "text_ppl": 9.0, "text_ppl_std": 0.0}
     single = tb.aggregate_seeds({0: per_seed[0]})
     assert single["sft"]["text_ppl_std"] == 0.0 and single["sft"]["seeds"] == 1
+
+
+def test_demo_command_offers_every_testbed_run():
+    from anchorkd.cli import DEMO_RUNS
+
+    assert DEMO_RUNS == tuple(tb.DOMAIN_RUNS)
+    assert all((tb.testbed_paths("unused").configs / run.config).is_file() for run in tb.DOMAIN_RUNS.values())
