@@ -14,6 +14,7 @@ EXIT_BAD_INPUT = 2
 # The testbed's domain runs (demo.testbed.DOMAIN_RUNS; kept here so that `anchorkd --help` imports no demo code).
 DEMO_RUNS = ("sft", "gkd", "gkd_visual", "gkd_seqkd", "gkd_anchor")
 
+
 def _torchrun_relaunch(argv: list[str]) -> int | None:
     """Under NPROC_PER_NODE (ms-swift's variables), relaunch this command once per rank via torchrun."""
     import os
@@ -244,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="tiny sizes that only check the chain (tests)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="domain-run seeds (spread)")
-    demo.add_argument(
-        "--runs", nargs="+", default=list(DEMO_RUNS), choices=DEMO_RUNS
-    )
+    demo.add_argument("--runs", nargs="+", default=list(DEMO_RUNS), choices=DEMO_RUNS)
     demo.add_argument("--root", default="outputs/testbed", help="where assets, cache, runs and the report go")
     demo.add_argument(
         "--configs", default=None, help="testbed recipe folder (default: the shipped testbed/ configs)"

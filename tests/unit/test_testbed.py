@@ -97,5 +97,5 @@ def test_aggregate_seeds_gives_mean_and_sample_std():
 def test_demo_command_offers_every_testbed_run():
     from anchorkd.cli import DEMO_RUNS
 
-    assert DEMO_RUNS == tuple(tb.DOMAIN_RUNS)
+    assert tuple(tb.DOMAIN_RUNS) == DEMO_RUNS
     assert all((tb.testbed_paths("unused").configs / run.config).is_file() for run in tb.DOMAIN_RUNS.values())
