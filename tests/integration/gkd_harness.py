@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -100,6 +101,8 @@ def write_short_data(synthetic_data_dir: Path, out_dir: Path) -> Path:
         rows.append(json.dumps(record))
     (out_dir / "train.jsonl").write_text("\n".join(rows) + "\n")
     (out_dir / "val.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    # The prompt-only anchor set (fresh general-caption images and questions), for anchor-prompt runs.
+    shutil.copyfile(synthetic_data_dir / "anchor.jsonl", out_dir / "anchor.jsonl")
     return out_dir
 
 

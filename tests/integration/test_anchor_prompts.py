@@ -108,6 +108,31 @@ def test_anchor_rows_without_an_answer_train_on_the_teachers(built, anchor_file)
         assert text.endswith(END_OF_TURN) and text.removesuffix(END_OF_TURN) in answers
 
 
+def test_on_policy_buffers_sample_the_domain_rows_and_keep_the_anchor_answers(built):
+    """With lmbda 1 every buffer is the student's: its data-set rows get the student's samples, while an
+    anchor row keeps its own answer or the teacher's (which take precedence over a student sample)."""
+    trainer = built.trainer
+    (completed,) = built.settings.config.custom.anchor.dataset
+    answers = {r["messages"][-1]["content"] for r in h.read_jsonl(Path(completed))}
+    rows = h.dataset_rows(trainer, [0, 1])
+    captions = {r["messages"][-1]["content"] for r in rows}
+    lmbda, trainer.lmbda = trainer.lmbda, 1.0
+    try:
+        batch = h.prepare(trainer, rows)
+    finally:
+        trainer.lmbda = lmbda
+    assert not seam.batch_from_dataset(batch)
+    tokenizer = trainer.template.tokenizer
+    labels = batch[seam.MODEL_INPUTS]["labels"]
+    for row, anchor in enumerate(batch[ANCHOR_ROWS].tolist()):
+        supervised = labels[row][labels[row] != h.IGNORE_INDEX].tolist()
+        text = tokenizer.decode(supervised).removesuffix("\n").removesuffix(END_OF_TURN)
+        if anchor:
+            assert text in answers
+        else:  # sampled: at most max_completion_length tokens (+ the end of turn), not the data set's caption
+            assert len(supervised) <= MAX_NEW + 2 and text not in captions
+
+
 def test_ce_is_the_domain_rows_and_the_anchor_rows_add_only_their_weighted_jsd(built):
     trainer = built.trainer
     with h.configured(trainer):

@@ -144,6 +144,16 @@ def test_reference_loss_two_ranks_equal_one_rank_batch_4(runs):
     assert_same_run(candidate, reference)
 
 
+def test_anchor_prompts_two_ranks_equal_gradient_accumulation(runs):
+    """Rank r draws its own slice of each step's anchor-row stream, so 2 ranks x 2 train on the same anchor
+    rows per step as 1 x 2 x accumulation 2, and anchor_kd_loss is normalised over both ranks' anchor tokens."""
+    extra = ("custom.anchor.ratio=0.5",)
+    two_ranks_run = runs("anchor_prompts.yaml", "2x2", extra)
+    accumulated = runs("anchor_prompts.yaml", "1x2x2", extra)
+    assert step_records(two_ranks_run)[-1]["anchor_kd_loss"] > 0
+    assert_same_run(two_ranks_run, accumulated, terms=(*TERMS, "anchor_kd_loss"), rel=1e-6, abs=0.0)
+
+
 def test_sft_two_ranks_equal_one_rank_batch_4(runs):
     reference = runs("stage_2_llm_lora.yaml", "1x4")
     candidate = runs("stage_2_llm_lora.yaml", "2x2")

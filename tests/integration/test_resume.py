@@ -1,6 +1,6 @@
 """A resumed run continues the same run: the straight run's numbers, one history, the newest complete checkpoint.
 
-- For SFT, GKD (forward-only and on-policy) and GKD with visual KD: a straight run (checkpoints every 3
+- For SFT, GKD (forward-only and on-policy), GKD with visual KD and GKD with anchor prompts: a straight run (checkpoints every 3
   steps) is copied and the copy resumed from its ``checkpoint-3``. The resume trims the copy's later
   records and moves its later checkpoints aside, then redoes the steps: every logged term of every step,
   the alerts and the final adapter weights equal the straight run's (relative 1e-5).
@@ -49,6 +49,9 @@ MODES = {
     "gkd_visual_kd": (h.CONFIGS_DIR / "demo" / "stage_3_visual_kd.yaml", 6, ()),
     # ms-swift's own GKD trainer (custom.trainer_variant: default), which has the same sampler fault
     "gkd_stock": (h.STAGE2_GKD_DEMO, 6, ("custom.trainer_variant=default", "rlhf.llm_kd_weight=1.0")),
+    # KD-only anchor prompts without answers (the teacher writes them once): the resumed run must draw the
+    # straight run's anchor rows for every later buffer
+    "gkd_anchor": (h.STAGE2_GKD_DEMO, 6, ("custom.anchor.ratio=0.5", "rlhf.max_completion_length=8")),
 }
 # Per-process timings and memory: not part of the run's numbers.
 NOT_COMPARED = {"elapsed_time", "remaining_time", "train_speed(s/it)", "memory(GiB)", "percentage"}
@@ -59,6 +62,7 @@ TERMS = {
 TERMS["gkd_visual_kd"] = TERMS["gkd"] | {"vision_kd_loss"}
 TERMS["gkd_on_policy"] = TERMS["gkd"]
 TERMS["gkd_stock"] = {"loss", "grad_norm", "learning_rate"}
+TERMS["gkd_anchor"] = TERMS["gkd"] | {"anchor_kd_loss"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,13 @@ def env(tiny_model_dir, synthetic_data_dir, quick_overrides, tmp_path_factory):
 
 def mode_overrides(env, mode: str, name: str, extra=()) -> list[str]:
     _, steps, mode_extra = MODES[mode]
+    if mode == "gkd_anchor":
+        anchors = env.data_dir / "anchor.jsonl"
+        mode_extra = (
+            *mode_extra,
+            f"custom.anchor.dataset=[{anchors}]",
+            f"custom.teacher_targets.cache_dir={env.work / 'resume-anchor-targets'}",
+        )
     base = (f"training.save_steps={SAVE_EVERY}", "training.save_total_limit=10", "template.max_length=256")
     return env.overrides(name, steps=steps, batch=2, extra=(*base, *mode_extra, *extra))
 

@@ -212,6 +212,17 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
             inputs = [*inputs, *drawn]
         return super()._rollout_samples(inputs)
 
+    def _generate_completions(self, samples):
+        """Student sampling (a buffer drawn with probability lmbda) for the data-set rows only: an anchor row
+        keeps its own answer or the teacher's, which take precedence over the student's sample."""
+        is_anchor = [bool(s.extra.get(ANCHOR_ROW_FLAG)) for s in samples]
+        if not any(is_anchor):
+            return super()._generate_completions(samples)
+        sampled = iter(
+            super()._generate_completions([s for s, a in zip(samples, is_anchor, strict=True) if not a])
+        )
+        return [s if anchor else next(sampled) for s, anchor in zip(samples, is_anchor, strict=True)]
+
     def split_by_mini_batches(self, samples):
         """ms-swift's split of the data-set rows into micro-batches, each followed by its anchor rows."""
         anchors = [s for s in samples if s.extra.get(ANCHOR_ROW_FLAG)]
