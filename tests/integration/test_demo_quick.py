@@ -103,10 +103,13 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     base, sft = report["runs"]["base"], report["runs"]["sft"]
     for family in ("outdoor", "kitchen", "street", "field"):
         assert 0.0 <= sft[f"ood_domain_object_rate_{family}"] <= 1.0
-    if sft["ood_domain_object_rate_far"] > base["ood_domain_object_rate_far"]:
-        assert (base["ood_excess_removed_far"], sft["ood_excess_removed_far"]) == (1.0, 0.0)
-    # The teacher answered the seq_kd and anchor prompts once, into the testbed's shared cache.
-    assert any((root / "cache" / "teacher_targets").rglob("*.json"))
+    assert "ood_excess_removed_far" not in base and "ood_excess_removed_far" not in sft
+    # The teacher answered every seq_kd (domain) and anchor prompt once, into the testbed's shared cache.
+    answers = sorted((root / "cache" / "teacher_targets" / "rows").glob("*/*.json"))
+    prompts = sum(
+        len((root / "data" / name).read_text().splitlines()) for name in ("train.jsonl", "anchor.jsonl")
+    )
+    assert len(answers) == prompts
 
     # A second run reuses the cached base (content hash unchanged).
     assert (
@@ -116,3 +119,4 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     again = json.loads((root / "report" / "report.json").read_text())
     assert again["metadata"]["base_cached"] is True
     assert list(again["runs"]) == ["base", "sft"]
+    assert sorted((root / "cache" / "teacher_targets" / "rows").glob("*/*.json")) == answers

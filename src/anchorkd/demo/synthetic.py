@@ -639,10 +639,10 @@ def _anchor_records(images: Sequence[_DrawnImage], questions: Sequence[TextSampl
             "messages": [{"role": "user", "content": GENERAL_PROMPT}],
             "images": [image.path],
             "meta": {
-                "id": f"anchor-{image.image_id}",
+                "id": image.image_id,
                 "scene": image.kind,
                 "style": "general",
-                "objects": [],
+                "objects": image.objects,
             },
         }
         for image in images

@@ -77,12 +77,18 @@ def pooled_ood_rate(groups: Mapping[str, Mapping[str, Any]], scenes: Sequence[st
 
     ``groups`` is ``scores.json``'s per ``scene/style`` block. None when those scenes have no OOD caption.
     """
+    if isinstance(scenes, str):
+        raise TypeError("scenes must be a collection of scene names, not one string")
+    wanted = frozenset(scenes)
     captions = leaked = 0
     for group, values in groups.items():
-        if group.split("/")[0] in scenes and values.get("ood_captions"):
+        if group.split("/")[0] in wanted and values.get("ood_captions"):
             captions += values["ood_captions"]
             leaked += values["ood_captions_with_domain_object"]
     return leaked / captions if captions else None
+
+
+EXCESS_REMOVED_PREFIX = "ood_excess_removed"
 
 
 def excess_removed(run: float | None, drift: float | None, base: float | None) -> float | None:
@@ -103,7 +109,8 @@ def add_scene_group_metrics(
 ) -> None:
     """Add ``ood_domain_object_rate_<group>`` per named scene group (e.g. ``near``: the out-of-domain
     families the base learnt; ``far``: a held-out one) and, with a drifting run (vanilla SFT),
-    ``ood_excess_removed_<group>`` and ``ood_excess_removed`` (all OOD captions) for every run."""
+    ``ood_excess_removed_<group>`` and ``ood_excess_removed`` (all OOD captions) for every other run
+    (the base and the drifting run are the reference points: 1 and 0 by definition, so left out)."""
     for name, values in metrics.items():
         groups = scores[name].get("groups") or {}
         for group, scenes in scene_groups.items():
@@ -113,8 +120,9 @@ def add_scene_group_metrics(
     for key in ("", *(f"_{group}" for group in scene_groups)):
         rate_key = f"ood_domain_object_rate{key}"
         drift, base = metrics[drift_name].get(rate_key), metrics[base_name].get(rate_key)
-        for values in metrics.values():
-            values[f"ood_excess_removed{key}"] = excess_removed(values.get(rate_key), drift, base)
+        for name, values in metrics.items():
+            if name not in (base_name, drift_name):
+                values[EXCESS_REMOVED_PREFIX + key] = excess_removed(values.get(rate_key), drift, base)
 
 
 def _examples_with_unique_ids(scores_by_run: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -176,6 +184,10 @@ def compare_runs(
         raise ConfigError("--base-name", f"{base_name!r} is not one of the runs ({', '.join(runs)})")
     if drift_name is not None and drift_name not in runs:
         raise ConfigError("--drift-run", f"{drift_name!r} is not one of the runs ({', '.join(runs)})")
+    if drift_name is not None and drift_name == base_name:
+        raise ConfigError(
+            "--drift-run", f"{drift_name!r} is the base run: name the run that drifted (vanilla SFT)"
+        )
     loaded = {name: load_run(folder) for name, folder in runs.items()}
     metrics = {name: run_metrics(scores, text_eval) for name, (scores, text_eval) in loaded.items()}
 
