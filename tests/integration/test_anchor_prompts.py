@@ -122,6 +122,8 @@ def test_on_policy_buffers_sample_the_domain_rows_and_keep_the_anchor_answers(bu
     finally:
         trainer.lmbda = lmbda
     assert not seam.batch_from_dataset(batch)
+    flags = batch[ANCHOR_ROWS].tolist()
+    assert any(flags) and not all(flags)
     tokenizer = trainer.template.tokenizer
     labels = batch[seam.MODEL_INPUTS]["labels"]
     for row, anchor in enumerate(batch[ANCHOR_ROWS].tolist()):

@@ -138,6 +138,10 @@ def test_compare_command_takes_scene_groups_and_a_drift_run(tmp_path, eval_folde
     assert "'base' is the base run" in capsys.readouterr().err
     assert cli.main([*args, "--scene-group", "far=kitchen"]) == 2
     assert "group name 'far' is given twice" in capsys.readouterr().err
+    assert cli.main([*args[:-4], "--scene-group", "far=fields"]) == 2
+    assert "group 'far' names scenes no run was evaluated on: fields" in capsys.readouterr().err
+    assert cli.main([*args[:-4], "--scene-group", "outdoor=kitchen"]) == 2
+    assert "group name 'outdoor' is also a scene" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*args, "--scene-group", "near="])
     assert exit_info.value.code == 2

@@ -289,7 +289,7 @@ def general_caption(kind: str, objects: Iterable[dict[str, Any]], rng: np.random
 
     Classes are listed in their kind's canonical order (``OBJECTS_BY_KIND``); the sentence frame is
     drawn from a few templates so the model cannot get away with memorising one fixed string. The sky
-    and the sun are not counted but phrased as "under a blue sky" and "and a bright sun".
+    and the sun are not counted but phrased by the template ("under a blue sky", "and a bright sun").
     """
     if kind not in OBJECTS_BY_KIND:
         raise ValueError(f"unknown scene kind {kind!r}; expected one of {tuple(OBJECTS_BY_KIND)}")

@@ -125,6 +125,22 @@ def add_scene_group_metrics(
                 values[EXCESS_REMOVED_PREFIX + key] = excess_removed(values.get(rate_key), drift, base)
 
 
+def _check_scene_groups(scene_groups: Mapping[str, Sequence[str]], scores: Mapping[str, Mapping]) -> None:
+    """A group must name scenes the evaluation has, and must not be named like one (its key would overwrite
+    that scene's own rate)."""
+    present = {group.split("/")[0] for run in scores.values() for group in (run.get("groups") or {})}
+    for name, scenes in scene_groups.items():
+        if name in present:
+            raise ConfigError("--scene-group", f"group name {name!r} is also a scene: choose another name")
+        missing = sorted(set(scenes) - present)
+        if missing:
+            raise ConfigError(
+                "--scene-group",
+                f"group {name!r} names scenes no run was evaluated on: {', '.join(missing)} "
+                f"(scenes: {', '.join(sorted(present))})",
+            )
+
+
 def _examples_with_unique_ids(scores_by_run: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Scores whose sample ids are unique within each run, for examples_from_scores' join by id.
 
@@ -198,6 +214,7 @@ def compare_runs(
                 values["text_ppl_change_pct"] = perplexity_change_pct(values["text_ppl"], base_ppl)
     if scene_groups or drift_name is not None:
         scores = {name: loaded_scores for name, (loaded_scores, _) in loaded.items()}
+        _check_scene_groups(scene_groups or {}, scores)
         add_scene_group_metrics(metrics, scores, scene_groups or {}, base_name, drift_name)
 
     examples = _examples(loaded, max_examples)
