@@ -78,7 +78,8 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     (root / "tiny-qwen3-vl").symlink_to(tiny_model_dir, target_is_directory=True)
     (root / "data").symlink_to(synthetic_data_dir, target_is_directory=True)
 
-    assert main(["demo", "--quick", "--root", str(root), "--configs", str(TESTBED_CONFIGS)]) == 0
+    args = ["demo", "--quick", "--root", str(root), "--configs", str(TESTBED_CONFIGS)]
+    assert main([*args, "--runs", "all"]) == 0
 
     report = json.loads((root / "report" / "report.json").read_text())
     assert list(report["runs"]) == list(RUN_NAMES)

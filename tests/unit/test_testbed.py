@@ -95,7 +95,8 @@ def test_aggregate_seeds_gives_mean_and_sample_std():
 
 
 def test_demo_command_offers_every_testbed_run():
-    from anchorkd.cli import DEMO_RUNS
+    from anchorkd.cli import DEFAULT_DEMO_RUNS, DEMO_RUNS
 
     assert tuple(tb.DOMAIN_RUNS) == DEMO_RUNS
+    assert tb.DEFAULT_RUNS == DEFAULT_DEMO_RUNS and set(DEFAULT_DEMO_RUNS) < set(DEMO_RUNS)
     assert all((tb.testbed_paths("unused").configs / run.config).is_file() for run in tb.DOMAIN_RUNS.values())

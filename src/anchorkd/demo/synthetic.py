@@ -162,7 +162,7 @@ class SyntheticSizes:
     """
 
     base_images: int = 400
-    base_dense: int = 400
+    base_dense: int = 200
     base_text: int = 200
     domain_train: int = 300
     domain_val: int = 50
