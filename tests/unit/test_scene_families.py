@@ -152,7 +152,7 @@ def test_general_caption_phrases_sky_and_sun_and_rejects_unknown_kinds():
     assert caption.endswith("2 cows and a flower under a blue sky and a bright sun.")
     assert general_caption(FIELD, [{"name": "sky"}], rng) == "An empty field under a blue sky."
     street = general_caption(STREET, [{"name": "vehicle"}, {"name": "sky"}], rng)
-    assert street.endswith("a car under a pale sky.")
+    assert street.endswith("a car under a clear sky.")
     with pytest.raises(ValueError, match="unknown scene kind 'beach'"):
         general_caption("beach", objects, rng)
     with pytest.raises(ValueError, match="unknown scene kind 'beach'"):

@@ -269,7 +269,7 @@ _FIELD_TEMPLATES = (
     "A view across farmland with {items}{sky}.",
 )
 # What follows the listed objects when the sky (and, in a field, the sun) is drawn: neither is counted.
-_SKY_PHRASES = {STREET: " under a pale sky", FIELD: " under a blue sky"}
+_SKY_PHRASES = {STREET: " under a clear sky", FIELD: " under a blue sky"}
 
 
 def _counted(name: str, count: int) -> str:
