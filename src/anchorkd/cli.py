@@ -36,12 +36,14 @@ def _torchrun_relaunch(argv: list[str]) -> int | None:
 
 def _cmd_train(ns) -> int:
     from .trainers.pipeline import run_training
+    from .trainers.sharding import release_process_group
 
     relaunched = _torchrun_relaunch(ns.argv)
     if relaunched is not None:
         return relaunched
 
     summary = run_training(ns.config, ns.overrides)
+    release_process_group()  # this process exits next: tear the group down while Python is whole
     print(f"\nanchorkd: training finished ({summary['mode']}), outputs in {summary['output_dir']}")
     print(f"anchorkd: per-step metrics in {summary['logging_jsonl']}")
     if summary.get("last_checkpoint"):

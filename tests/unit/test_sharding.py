@@ -43,6 +43,19 @@ def test_counts_all_reduced_in_group(gloo_group):
     assert sharding.ddp_loss_scale() == 1
 
 
+def test_a_torchrun_worker_releases_its_group_and_a_single_process_keeps_it(monkeypatch):
+    assert not sharding.release_process_group()  # no group at all
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        assert not sharding.release_process_group() and dist.is_initialized()
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert sharding.release_process_group() and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_plain_parameter_is_not_copied():
     head = torch.nn.Linear(4, 10, bias=True)
     with sharding.gathered_lm_head(head) as (weight, bias):

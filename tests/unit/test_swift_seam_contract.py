@@ -95,10 +95,9 @@ def test_gkd_hooks_and_sample_fields_the_anchor_prompts_use():
     rollout = gkd._rollout_samples
     assert list(_inspect.signature(rollout).parameters) == ["self", "inputs"]
     assert "self.to_samples(inputs)" in source(rollout)
-    # Student sampling goes through one method that takes and returns the list of samples (anchor rows
-    # are kept out of it).
+    # On-policy buffers strip every row's answer (resampling) and sample the student: anchor rows join after.
+    assert "strip_response=self._data_source != DataSource.DATASET" in source(rollout)
     assert "samples = self._generate_completions(samples)" in source(rollout)
-    assert list(_inspect.signature(gkd._generate_completions).parameters) == ["self", "samples"]
     assert "self.split_by_mini_batches(samples)" in source(gkd._prepare_batch_inputs)
     assert "self._rollout_samples(inputs)" in source(gkd._generate_and_score_completions)
     sample = GKDSample.from_row(

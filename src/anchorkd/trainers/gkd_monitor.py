@@ -20,6 +20,7 @@ outputs), composes the terms and logs each one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from collections import defaultdict
@@ -203,25 +204,20 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
 
     def _rollout_samples(self, inputs):
         """ms-swift's sample building (and, with probability lmbda, student sampling) over the buffer's
-        data-set rows plus its anchor rows."""
+        data-set rows, then the buffer's anchor rows as they are.
+
+        The anchor rows join after ms-swift's step, because in an on-policy buffer it strips every row's
+        answer (its over-long-row resampling) and samples the student for each: an anchor row keeps its own
+        answer or the teacher's, which take precedence over a student sample."""
+        samples = super()._rollout_samples(inputs)
         if self._anchor_mixer is not None and self.model.training:
             buffer_index = seam.micro_batch_counter(self) // self.args.steps_per_generation
             drawn = [
-                {**self._anchor_rows[i], ANCHOR_ROW_FLAG: True} for i in self._anchor_mixer.draw(buffer_index)
+                copy.deepcopy({**self._anchor_rows[i], ANCHOR_ROW_FLAG: True})
+                for i in self._anchor_mixer.draw(buffer_index)
             ]
-            inputs = [*inputs, *drawn]
-        return super()._rollout_samples(inputs)
-
-    def _generate_completions(self, samples):
-        """Student sampling (a buffer drawn with probability lmbda) for the data-set rows only: an anchor row
-        keeps its own answer or the teacher's, which take precedence over the student's sample."""
-        is_anchor = [bool(s.extra.get(ANCHOR_ROW_FLAG)) for s in samples]
-        if not any(is_anchor):
-            return super()._generate_completions(samples)
-        sampled = iter(
-            super()._generate_completions([s for s, a in zip(samples, is_anchor, strict=True) if not a])
-        )
-        return [s if anchor else next(sampled) for s, anchor in zip(samples, is_anchor, strict=True)]
+            samples = [*samples, *self.to_samples(drawn)]
+        return samples
 
     def split_by_mini_batches(self, samples):
         """ms-swift's split of the data-set rows into micro-batches, each followed by its anchor rows."""

@@ -52,6 +52,21 @@ def global_window_tokens(counts: Sequence[int], device: torch.device | str = "cp
     return [int(t) for t in totals.tolist()]
 
 
+def release_process_group() -> bool:
+    """Destroy the process group of a finished torchrun worker (``WORLD_SIZE`` > 1) before the interpreter
+    exits; True if there was one. A single process (tests, the demo) keeps its group.
+
+    Left to interpreter teardown, Gloo's worker threads can still hold work objects whose tensors reach
+    back into Python, and the process dies with SIGABRT ("terminate called without an active exception")
+    after training has finished. Call it only after a successful run: on an error other ranks may still
+    be in a collective, and a collective destroy would hang them.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _distributed():
+        return False
+    torch.distributed.destroy_process_group()
+    return True
+
+
 def ddp_loss_scale() -> int:
     """Factor for a loss normalised by the window's tokens over all ranks: undoes the engine's mean."""
     return data_parallel_size()
