@@ -100,3 +100,13 @@ def test_demo_command_offers_every_testbed_run():
     assert tuple(tb.DOMAIN_RUNS) == DEMO_RUNS
     assert tb.DEFAULT_RUNS == DEFAULT_DEMO_RUNS and set(DEFAULT_DEMO_RUNS) < set(DEMO_RUNS)
     assert all((tb.testbed_paths("unused").configs / run.config).is_file() for run in tb.DOMAIN_RUNS.values())
+
+
+def test_demo_runs_the_default_selection_unless_told():
+    from anchorkd import cli
+
+    parser = cli.build_parser()
+    assert tuple(parser.parse_args(["demo"]).runs) == tb.DEFAULT_RUNS
+    assert parser.parse_args(["demo", "--runs", "all"]).runs == ["all"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--runs", "gkd_nothing"])
