@@ -202,6 +202,28 @@ def _cmd_configs_copy(ns) -> int:
     return 0
 
 
+def _cmd_anchors_build(ns) -> int:
+    from pathlib import Path
+
+    from .data.anchor_set import AnchorSetRequest, build_anchor_set, describe, parse_shares
+
+    request = AnchorSetRequest(
+        train=tuple(Path(p) for p in ns.train),
+        out=Path(ns.out),
+        images=tuple(Path(p) for p in ns.images),
+        evals=tuple(Path(p) for p in ns.eval),
+        rows=ns.rows,
+        shares=parse_shares(ns.share),
+        general_prompts=Path(ns.general_prompts) if ns.general_prompts else None,
+        text_questions=Path(ns.text_questions) if ns.text_questions else None,
+        seed=ns.seed,
+        force=ns.force,
+    )
+    for line in describe(build_anchor_set(request)):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anchorkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +303,62 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("--force", action="store_true", help="overwrite an existing file")
     copy.add_argument("--make-parents", action="store_true", help="create missing parent folders")
     copy.set_defaults(handler=_cmd_configs_copy)
+
+    anchors = sub.add_parser("anchors", help="build a prompt-only anchor set (custom.anchor) from your data")
+    anchors_sub = anchors.add_subparsers(dest="anchors_command", required=True)
+    build = anchors_sub.add_parser(
+        "build",
+        help="your training prompts and general prompts on off-domain images, plus text questions",
+        description="Write a prompt-only anchor set (ms-swift JSONL for custom.anchor.dataset; the base "
+        "answers its rows before training) and OUT's .summary.json beside it.",
+    )
+    build.add_argument(
+        "--train",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="JSONL",
+        help="the training set's ms-swift JSONL file(s): their prompts, and images to leave out",
+    )
+    build.add_argument(
+        "--images",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SOURCE",
+        help="off-domain images: folder(s) (searched recursively) or JSONL file(s) listing them",
+    )
+    build.add_argument(
+        "--eval",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="JSONL",
+        help="eval sets (JSONL or image folders) whose images must not be anchors",
+    )
+    build.add_argument("--out", required=True, help="the anchor set to write (.jsonl)")
+    build.add_argument("--rows", type=int, default=400, help="rows in the anchor set (default: 400)")
+    build.add_argument(
+        "--share",
+        default="training_prompts=0.5,general=0.25,text=0.25",
+        metavar="KIND=SHARE,...",
+        help="each kind's share of the rows, adding up to 1 (default: %(default)s)",
+    )
+    build.add_argument(
+        "--general-prompts",
+        default=None,
+        metavar="FILE",
+        help="general prompts, .txt (one per line) or .jsonl (default: the shipped list)",
+    )
+    build.add_argument(
+        "--text-questions",
+        default=None,
+        metavar="FILE",
+        help="text-only questions, .txt (one per line) or .jsonl (default: the shipped list)",
+    )
+    build.add_argument("--seed", type=int, default=0, help="seed of the draws of images and prompts")
+    build.add_argument("--force", action="store_true", help="overwrite an existing anchor set and summary")
+    build.set_defaults(handler=_cmd_anchors_build)
 
     _register_optional(sub)
     return parser
