@@ -198,7 +198,11 @@ def test_no_anchor_image_is_in_the_training_or_eval_set_and_every_exclusion_is_c
 def test_an_eval_folder_and_a_jsonl_image_source_work_like_the_files(data):
     source = write_jsonl(
         data["root"] / "images.jsonl",
-        [{"image": str(data["fresh"][1])}, {"images": [str(data["fresh"][2]), str(data["eval_images"][0])]}],
+        [
+            {"image": str(data["fresh"][1])},
+            answered("Say hello.", [], answer="Hello."),  # a text chat among ms-swift rows adds no image
+            {"images": [str(data["fresh"][2]), str(data["eval_images"][0])]},
+        ],
     )
     out = data["root"] / "anchors.jsonl"
     args = ["anchors", "build", "--train", str(data["train"]), "--images", str(source)]
@@ -212,6 +216,18 @@ def test_an_eval_folder_and_a_jsonl_image_source_work_like_the_files(data):
     summary = json.loads(ab.summary_path_for(out).read_text())
     assert summary["excluded_images"]["in_eval"]["examples"][0]["also_in"] == str(data["eval_images"][0])
     assert summary["images"]["list"][0]["from"] == f"{source}:1"
+    assert summary["images"]["sources"] == [
+        {"path": str(source), "type": "jsonl", "images": 3, "rows_without_image": 1}
+    ]
+
+
+def test_refuses_a_jsonl_image_source_row_that_names_no_image(data, capsys):
+    source = write_jsonl(
+        data["root"] / "images.jsonl", [{"image": str(data["fresh"][0])}, {"picture": "x.png"}]
+    )
+    args = build_args(data, data["root"] / "anchors.jsonl")
+    args[args.index(str(data["folder"]))] = str(source)
+    refuse(args, data["root"], capsys, f"{source}:2: the row names no local image ('images' or 'image')")
 
 
 def test_rows_per_kind_splits_by_largest_remainder():

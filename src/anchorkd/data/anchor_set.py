@@ -314,7 +314,8 @@ def list_source_images(source: Path) -> tuple[list[SourceImage], dict[str, Any]]
 
     A folder is searched recursively (hidden files and folders skipped) for files with a suffix of a
     format PIL decodes (:func:`decodable_suffixes`); other files are counted and left alone. A ``.jsonl``
-    file lists images as ms-swift rows (``images``) or as ``{"image": path}`` rows."""
+    file lists images as ms-swift rows (``images``; rows without one, such as text chats, are counted) or
+    as ``{"image": path}`` rows."""
     source = Path(source).expanduser()
     if source.is_dir():
         suffixes = decodable_suffixes()
@@ -336,21 +337,28 @@ def list_source_images(source: Path) -> tuple[list[SourceImage], dict[str, Any]]
             )
         return images, {"path": str(source), "type": "folder", "images": len(images), "other_files": others}
     if source.is_file() and source.suffix == ".jsonl":
-        images = []
+        images, without = [], 0
         for line_no, record in iter_jsonl(source):
             if not isinstance(record, dict):
                 raise DataError(str(source), "a row must be a JSON object", line_no)
             if "image" in record and "images" not in record:
                 record = {"images": [record["image"]]}
             listed = local_images(record, source, line_no)
-            if not listed:
+            if not listed and "messages" not in record:
                 raise DataError(str(source), "the row names no local image ('images' or 'image')", line_no)
+            without += not listed  # an ms-swift row without an image (a text chat) adds none
             for image in listed:
                 check_readable(image, source, line_no)
                 images.append(SourceImage(image.resolve(), f"{source}:{line_no}"))
         if not images:
-            raise DataError(str(source), "holds no rows")
-        return images, {"path": str(source), "type": "jsonl", "images": len(images)}
+            raise DataError(str(source), f"lists no local image ({without} row(s) without one)")
+        description = {
+            "path": str(source),
+            "type": "jsonl",
+            "images": len(images),
+            "rows_without_image": without,
+        }
+        return images, description
     if not source.exists():
         raise DataError(str(source), "image source not found")
     raise DataError(str(source), "an image source must be a folder of images or a .jsonl file")
