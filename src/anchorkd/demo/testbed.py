@@ -383,5 +383,9 @@ def run_testbed(
             "timings_s": timings,
             "per_seed": {str(s): m for s, m in per_seed.items()},
         },
+        # The Pareto chart: base and SFT as its reference points, the seeds' spread of excess removed.
+        base_run="base",
+        drift_run=DRIFT_RUN,
+        seed_metrics=per_seed,
     )
     return TestbedResult(report_dir, aggregated, per_seed, timings, cached)

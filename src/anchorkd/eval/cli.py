@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 EXIT_STATUSES = (
@@ -42,6 +43,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _adapter_scale(text: str) -> float:
+    """``--adapter-scale``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from .model import DEFAULT_MODEL_TYPE, TORCH_DTYPES
 
@@ -51,6 +63,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="model checkpoint folder (local); with --adapter, the weights it was trained on",
     )
     parser.add_argument("--adapter", help="LoRA adapter folder to apply (e.g. an ms-swift checkpoint-N)")
+    parser.add_argument(
+        "--adapter-scale",
+        type=_adapter_scale,
+        metavar="S",
+        help="multiply the LoRA adapter's contribution by S >= 0 (default 1; 0 = the base model): "
+        "WiSE-FT-style interpolation of the weights, recorded in the outputs",
+    )
     parser.add_argument(
         "--model-type", default=DEFAULT_MODEL_TYPE, help=f"ms-swift model type (default {DEFAULT_MODEL_TYPE})"
     )
@@ -85,6 +104,7 @@ def _cmd_generate(ns) -> int:
         model_type=ns.model_type,
         torch_dtype=ns.torch_dtype,
         infer_backend=ns.infer_backend,
+        adapter_scale=ns.adapter_scale,
     )
     print(f"anchorkd: captions in {path}")
     return 0
@@ -117,6 +137,7 @@ def _cmd_text(ns) -> int:
         batch_size=ns.batch_size,
         model_type=ns.model_type,
         torch_dtype=ns.torch_dtype,
+        adapter_scale=ns.adapter_scale,
     )
     line = f"text perplexity {document['ppl']:.4g} over {document['tokens']} assistant tokens"
     if document["ppl_change_pct"] is not None:

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from anchorkd.errors import ConfigError, DataError
-from anchorkd.eval.score import SCORES_FILE, TEXT_EVAL_FILE, perplexity_change_pct
+from anchorkd.eval.score import (
+    GENERATION_SETTINGS_FILE,
+    SCORES_FILE,
+    TEXT_EVAL_FILE,
+    perplexity_change_pct,
+)
 from anchorkd.io import finite_number, read_json_object
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,27 @@ def load_run(eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any] | Non
         raise DataError(str(scores_path), "has no 'summary' object (not written by `anchorkd eval score`?)")
     text_path = folder / TEXT_EVAL_FILE
     return scores, (read_json_object(text_path) if text_path.is_file() else None)
+
+
+def recorded_adapter_scale(eval_dir: str | Path, text_eval: Mapping[str, Any] | None = None) -> float | None:
+    """The ``--adapter-scale`` an evaluation folder was made with (its generation settings and text
+    evaluation record it); None without an adapter or in folders written before the option existed.
+
+    DataError when the two files record different scales: the folder would mix the numbers of two
+    different models.
+    """
+    folder = Path(eval_dir).expanduser()
+    settings_path = folder / GENERATION_SETTINGS_FILE
+    recorded = {}
+    if settings_path.is_file():
+        recorded[settings_path] = finite_number(read_json_object(settings_path).get("adapter_scale"))
+    if text_eval is not None:
+        recorded[folder / TEXT_EVAL_FILE] = finite_number(text_eval.get("adapter_scale"))
+    scales = {scale for scale in recorded.values() if scale is not None}
+    if len(scales) > 1:
+        described = ", ".join(f"{path.name}: {scale}" for path, scale in recorded.items())
+        raise DataError(str(folder), f"the outputs were made with different adapter scales ({described})")
+    return next(iter(scales), None)
 
 
 def run_metrics(scores: Mapping[str, Any], text_eval: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -190,7 +216,8 @@ def compare_runs(
     base itself); when the base run has no text evaluation, each run keeps the change its own text
     evaluation recorded, if any. ``scene_groups`` (name -> scenes) adds the pooled OOD rate of each group;
     ``drift_name`` (the vanilla SFT run) adds each run's share of that run's excess OOD rate over the base
-    that it removes (:func:`add_scene_group_metrics`).
+    that it removes (:func:`add_scene_group_metrics`), and with it the Pareto chart of domain skill
+    against that share (:mod:`anchorkd.eval.pareto`).
     """
     from anchorkd.eval.report import write_comparison_report
 
@@ -206,6 +233,11 @@ def compare_runs(
         )
     loaded = {name: load_run(folder) for name, folder in runs.items()}
     metrics = {name: run_metrics(scores, text_eval) for name, (scores, text_eval) in loaded.items()}
+    for name, folder in runs.items():
+        # A setting, not a score: listed among "Other metrics" so a scaled adapter is never mistaken.
+        scale = recorded_adapter_scale(folder, loaded[name][1])
+        if scale is not None:
+            metrics[name]["adapter_scale"] = scale
 
     base_ppl = metrics[base_name].get("text_ppl")
     if base_ppl is not None and base_ppl > 0:
@@ -222,6 +254,14 @@ def compare_runs(
         "base run": base_name,
         **{f"run {name}": str(Path(folder).expanduser().resolve()) for name, folder in runs.items()},
     }
-    written = write_comparison_report(out_dir, metrics, examples, title=title, metadata=metadata)
+    written = write_comparison_report(
+        out_dir,
+        metrics,
+        examples,
+        title=title,
+        metadata=metadata,
+        base_run=base_name,
+        drift_run=drift_name,
+    )
     logger.info("report written: %s", ", ".join(str(path) for path in written))
     return metrics

@@ -34,13 +34,18 @@ def evaluate_checkpoint(
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,
     show_progress: bool = True,
+    adapter_scale: float | None = None,
 ) -> dict[str, Any]:
     """Fill one evaluation folder: generate -> score -> text perplexity, loading the model once.
 
     ``base_text_ppl`` (e.g. the base run's ``text_ppl``) makes the text evaluation record its change
-    vs base and the regression verdict. Returns the run's flat metric dict (as used in the report).
+    vs base and the regression verdict. ``adapter_scale`` multiplies the LoRA adapter's contribution
+    (WiSE-FT-style interpolation, :func:`~anchorkd.eval.model.scale_lora_adapter`). Returns the run's
+    flat metric dict (as used in the report).
     """
-    loaded = load_model(model, adapter, model_type=model_type, torch_dtype=torch_dtype)
+    loaded = load_model(
+        model, adapter, model_type=model_type, torch_dtype=torch_dtype, adapter_scale=adapter_scale
+    )
     out_dir = Path(out_dir)
     generations = generate_captions(
         loaded,
@@ -65,4 +70,7 @@ def evaluate_checkpoint(
             max_regression_pct=max_regression_pct,
             batch_size=batch_size,
         )
-    return run_metrics(scores, text_eval)
+    metrics = run_metrics(scores, text_eval)
+    if loaded.adapter_scale is not None:
+        metrics["adapter_scale"] = loaded.adapter_scale  # as compare_runs reads it back from the folder
+    return metrics

@@ -31,12 +31,13 @@ from anchorkd.data.validate import read_jsonl_records
 from anchorkd.errors import ConfigError, DataError
 from anchorkd.eval.model import DEFAULT_INFER_BACKEND, DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
 from anchorkd.eval.provenance import describe_file, run_provenance
+from anchorkd.eval.score import GENERATION_SETTINGS_FILE
 from anchorkd.io import atomic_write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 GENERATIONS_FILE = "generations.jsonl"
-SETTINGS_FILE = "generation_settings.json"
+SETTINGS_FILE = GENERATION_SETTINGS_FILE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,13 +185,15 @@ def generate_captions(
     torch_dtype: str | None = None,
     infer_backend: str = DEFAULT_INFER_BACKEND,
     show_progress: bool = True,
+    adapter_scale: float | None = None,
 ) -> Path:
     """Greedy-decode a caption for every record of ``data_files``; return ``out_dir/generations.jsonl``.
 
     ``model`` is a checkpoint folder or a :class:`LoadedModel` (to reuse one engine across calls).
     ``limit`` caps the samples taken from *each* file (the first N), so a quick run still covers every
     scene kind. Decoding is greedy with no repetition penalty, whatever the checkpoint's
-    ``generation_config`` suggests, so runs differ only by their weights.
+    ``generation_config`` suggests, so runs differ only by their weights. ``adapter_scale`` multiplies
+    the LoRA adapter's contribution (:func:`anchorkd.eval.model.scale_lora_adapter`).
     """
     if batch_size < 1:
         raise ConfigError("--batch-size", f"must be at least 1, got {batch_size}")
@@ -202,7 +205,12 @@ def generate_captions(
         raise ConfigError("--data", "no evaluation data file given")
     samples_by_file = {Path(f).expanduser().resolve(): read_eval_samples(f, limit) for f in data_files}
     loaded = as_loaded_model(
-        model, adapter, model_type=model_type, torch_dtype=torch_dtype, infer_backend=infer_backend
+        model,
+        adapter,
+        model_type=model_type,
+        torch_dtype=torch_dtype,
+        infer_backend=infer_backend,
+        adapter_scale=adapter_scale,
     )
 
     from tqdm import tqdm

@@ -8,6 +8,8 @@ when a model is loaded, not when this module is, so ``anchorkd --help`` stays fa
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,15 +71,17 @@ class LoadedModel:
     adapter: Path | None
     model_type: str
     infer_backend: str = DEFAULT_INFER_BACKEND
+    adapter_scale: float | None = None  # the LoRA contribution's factor (1.0 = as trained); None: no adapter
 
     def describe(self) -> dict[str, Any]:
         model = getattr(self.engine, "model", None)  # vLLM keeps its weights in worker processes
         return {
             "model": str(self.model),
             "adapter": str(self.adapter) if self.adapter else None,
+            "adapter_scale": self.adapter_scale,
             "model_type": self.model_type,
             "infer_backend": self.infer_backend,
-            "template": self.engine.template.template_meta.template_type,
+            "template": seam.template_type(self.engine.template),
             "dtype": str(getattr(model, "dtype", getattr(self.engine, "torch_dtype", None))).removeprefix(
                 "torch."
             ),
@@ -93,15 +97,19 @@ def load_model(
     torch_dtype: str | None = None,
     infer_backend: str = DEFAULT_INFER_BACKEND,
     prompt_settings: PromptSettings | None = None,
+    adapter_scale: float | None = None,
 ) -> LoadedModel:
     """Load a checkpoint through ms-swift (its model loader, template and LoRA loading).
 
     ``torch_dtype`` is one of TORCH_DTYPES or None for the checkpoint's own dtype. ``infer_backend`` is
     one of INFER_BACKENDS: ms-swift's ``TransformersEngine`` or, where vLLM is installed, its
-    ``VllmEngine`` (plain checkpoints only: merge an adapter first).
+    ``VllmEngine`` (plain checkpoints only: merge an adapter first). ``adapter_scale`` multiplies the
+    LoRA adapter's contribution (:func:`scale_lora_adapter`; None: as trained).
     """
     model_dir = require_checkpoint(model, "--model")
     adapter_dir = require_adapter(adapter, "--adapter") if adapter is not None else None
+    if adapter_scale is not None:
+        require_scalable_adapter(adapter_dir, adapter_scale)
     if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
         raise ConfigError("--torch-dtype", f"must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
     require_infer_backend(infer_backend)
@@ -127,13 +135,71 @@ def load_model(
         seam.configure_template(engine.template, max_pixels=prompt.max_pixels, system=prompt.system)
     if infer_backend == "transformers":
         engine.model.eval()
+    if adapter_scale is not None and scale_lora_adapter(engine.model, adapter_scale) == 0:
+        raise ConfigError(
+            "--adapter-scale", f"the model has no LoRA layer to scale after loading {adapter_dir}"
+        )
     return LoadedModel(
         engine=engine,
         model=model_dir,
         adapter=adapter_dir,
         model_type=model_type,
         infer_backend=infer_backend,
+        adapter_scale=_applied_scale(adapter_dir, adapter_scale),
     )
+
+
+def _applied_scale(adapter_dir: Path | None, adapter_scale: float | None) -> float | None:
+    """The scale to record: None without an adapter, 1.0 for an adapter as trained."""
+    if adapter_dir is None:
+        return None
+    return 1.0 if adapter_scale is None else float(adapter_scale)
+
+
+def require_scalable_adapter(adapter_dir: Path | None, scale: float, option: str = "--adapter-scale") -> None:
+    """ConfigError naming ``option`` unless ``scale`` (finite, >= 0) can interpolate ``adapter_dir``'s weights.
+
+    That takes a plain LoRA adapter: with DoRA the trained magnitudes stay whatever the scale, and
+    modules trained whole (``modules_to_save``, trainable tokens) are not scaled at all, so neither
+    would move the weights between the base (scale 0) and the adapter (scale 1).
+    """
+    if not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+        raise ConfigError(option, f"must be a finite number >= 0, got {scale!r}")
+    if adapter_dir is None:
+        raise ConfigError(option, "scales a LoRA adapter: give one with --adapter")
+    config_path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(option, f"cannot read {config_path}: {error}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = (config.get("peft_type") or config.get("swift_type")) if isinstance(config, dict) else None
+        raise ConfigError(
+            option, f"{adapter_dir} is not a LoRA adapter ({kind or 'unknown type'}): nothing to scale"
+        )
+    if config.get("use_dora"):
+        raise ConfigError(option, f"{adapter_dir} is a DoRA adapter: its trained magnitudes do not scale")
+    whole = [key for key in ("modules_to_save", "trainable_token_indices") if config.get(key)]
+    if whole:
+        raise ConfigError(
+            option,
+            f"{adapter_dir} also trains whole modules ({', '.join(whole)}), which a LoRA scale leaves unscaled",
+        )
+
+
+def scale_lora_adapter(model: Any, scale: float) -> int:
+    """Multiply the scaling of every LoRA layer of ``model`` by ``scale``; return how many layers.
+
+    Each layer then adds ``scale * (alpha / r) * B @ A``: the adapter with its B matrices scaled, i.e. the
+    weights interpolated between the base (0) and the trained adapter (1) as in WiSE-FT. PEFT's public
+    ``LoraLayer.scale_layer`` does it for the active adapter.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    for layer in layers:
+        layer.scale_layer(scale)
+    return len(layers)
 
 
 def require_infer_backend(backend: str, option: str = "--infer-backend") -> str:
@@ -154,5 +220,7 @@ def as_loaded_model(
     if isinstance(model, LoadedModel):
         if adapter is not None:
             raise ConfigError("--adapter", "the model is already loaded; pass the adapter to load_model")
+        if load_options.get("adapter_scale") is not None:
+            raise ConfigError("--adapter-scale", "the model is already loaded; pass the scale to load_model")
         return model
     return load_model(model, adapter, **load_options)

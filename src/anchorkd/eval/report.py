@@ -7,7 +7,10 @@
 * ``report.md``   -- one table per metric group with the best run marked, and side-by-side example
   captions with hallucinated objects struck through, for people;
 * ``hallucination.png``, ``quality.png``, ``text_ppl_change.png`` -- bar charts (error bars where the
-  runs carry ``<metric>_std``, e.g. the spread across seeds), each only when some run has its metrics.
+  runs carry ``<metric>_std``, e.g. the spread across seeds), each only when some run has its metrics;
+* ``pareto.png`` -- domain skill (field F1, name F1) against the share of the drifting run's excess
+  OOD rate removed, per scene group, with the runs no other run beats on both axes ringed and listed
+  in a markdown table (:mod:`anchorkd.eval.pareto`); only when some run has both.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (never pyplot), so reports can be made
 on headless machines and from threads without touching global backend state. Every file is written to a
@@ -23,10 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from anchorkd.eval.compare import EXCESS_REMOVED_PREFIX
+from anchorkd.eval.pareto import ParetoSeries, pareto_series
 from anchorkd.io import atomic_write_json, atomic_write_text, finite_number, save_figure
 
 STD_SUFFIX = "_std"
@@ -246,12 +253,52 @@ def _metadata_cell(value: Any, max_chars: int = 300) -> str:
     return _md_cell(text) if len(text) <= max_chars else "(long; see `report.json`)"
 
 
+def _excess_label(excess_key: str) -> str:
+    """What an ``ood_excess_removed[_GROUP]`` key is measured on: "held-out family", or the group's name."""
+    spec = METRIC_SPECS.get(excess_key)
+    if spec is not None:
+        return spec.label.removeprefix("Excess removed: ")
+    return excess_key.removeprefix(EXCESS_REMOVED_PREFIX + "_")
+
+
+def _pareto_section(series: Sequence[ParetoSeries], drift_run: str | None) -> list[str]:
+    drifting = f"`{_md_cell(drift_run)}`" if drift_run else "the drifting run"
+    lines = [
+        "## Domain skill against hallucination removed (Pareto frontier)",
+        "",
+        f"Each run's domain skill (x) against the share of {drifting}'s excess OOD rate over the base that "
+        "it removes (y: 100% = the base's rate, 0% = no better than the drifting run). A run is on the "
+        "frontier when no other run is at least as good on both axes and better on one; the reference "
+        "runs sit at 100% (base) and 0% by definition. `± x` is the spread across seeds. Frontier runs "
+        "(ringed in the chart), best skill first:",
+        "",
+        "| domain skill (x) | excess removed on (y) | frontier: run (x, y) |",
+        "|---|---|---|",
+    ]
+    generic = MetricSpec("", "", "higher", "fraction")
+    for entry in series:
+        skill_spec = METRIC_SPECS[entry.skill_key]
+        excess_spec = METRIC_SPECS.get(entry.excess_key, generic)
+        cells = [
+            f"`{_md_cell(point.run)}`{' (reference)' if point.reference else ''} "
+            f"({_format_value(skill_spec, point.x, point.x_std)}, "
+            f"{_format_value(excess_spec, point.y, point.y_std)})"
+            for point in entry.frontier
+        ]
+        lines.append(
+            f"| {skill_spec.label} | {_md_cell(_excess_label(entry.excess_key))} | {', '.join(cells)} |"
+        )
+    return lines
+
+
 def _render_markdown(
     title: str,
     runs: Mapping[str, Mapping[str, Any]],
     metadata: Mapping[str, Any],
     examples: Sequence[Mapping[str, Any]] | None,
     charts: Mapping[str, Path],
+    pareto: Sequence[ParetoSeries] = (),
+    drift_run: str | None = None,
 ) -> str:
     lines = [f"# {title}", ""]
     if metadata:
@@ -266,6 +313,8 @@ def _render_markdown(
         specs = _present_specs(runs, group.metrics)
         if specs:
             lines += [f"## {group.title}", "", *_metric_table(runs, specs), ""]
+    if pareto:
+        lines += [*_pareto_section(pareto, drift_run), ""]
     other_keys = _other_metric_keys(runs)
     if other_keys:
         lines += ["## Other metrics", "", *_other_metrics_table(runs, other_keys), ""]
@@ -393,7 +442,127 @@ def _per_run_bar_chart(
     return figure
 
 
-def _write_charts(out_dir: Path, runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
+PARETO_MARKERS = ("o", "^", "s", "D", "v", "P", "X")
+PARETO_POINTS_GID = "pareto-points"  # matplotlib group ids: the tests count the points they hold
+PARETO_FRONTIER_GID = "pareto-frontier"
+
+
+def _run_colors(run_names: Sequence[str]) -> dict[str, Any]:
+    """The bar charts' colour per run; a 20-colour map when there are more runs than those colours."""
+    if len(run_names) <= len(RUN_COLORS):
+        return dict(zip(run_names, RUN_COLORS, strict=False))
+    palette = colormaps["tab20"]
+    return {name: palette(index % palette.N) for index, name in enumerate(run_names)}
+
+
+def pareto_figure(
+    series: Sequence[ParetoSeries], run_names: Sequence[str], drift_run: str | None = None
+) -> Figure:
+    """One panel per skill metric: a point per run and scene group (colour = run, marker = group),
+    seed spreads as error bars, the frontier of each group ringed, joined and labelled."""
+    skills = list(dict.fromkeys(entry.skill_key for entry in series))
+    excess_keys = list(dict.fromkeys(entry.excess_key for entry in series))
+    markers = {key: PARETO_MARKERS[index % len(PARETO_MARKERS)] for index, key in enumerate(excess_keys)}
+    colors = _run_colors(run_names)
+    figure = Figure(figsize=(2.8 + 5.0 * len(skills), 4.8))
+    axes = figure.subplots(1, len(skills), sharey=True, squeeze=False)[0]
+    for ax, skill in zip(axes, skills, strict=True):
+        labelled: set[tuple[str, float, float]] = set()  # the reference runs sit at one spot per group
+        for entry in (entry for entry in series if entry.skill_key == skill):
+            marker = markers[entry.excess_key]
+            for point in entry.points:
+                if point.x_std or point.y_std:
+                    ax.errorbar(
+                        100 * point.x,
+                        100 * point.y,
+                        xerr=100 * point.x_std if point.x_std else None,
+                        yerr=100 * point.y_std if point.y_std else None,
+                        fmt="none",
+                        ecolor=colors[point.run],
+                        elinewidth=1,
+                        capsize=3,
+                        alpha=0.7,
+                        zorder=1,
+                    )
+            ax.scatter(
+                [100 * point.x for point in entry.points],
+                [100 * point.y for point in entry.points],
+                c=[colors[point.run] for point in entry.points],
+                marker=marker,
+                s=46,
+                edgecolors="white",
+                linewidths=0.6,
+                zorder=3,
+                gid=PARETO_POINTS_GID,
+            )
+            frontier = sorted(entry.frontier, key=lambda point: (point.x, -point.y))
+            ax.plot(
+                [100 * point.x for point in frontier],
+                [100 * point.y for point in frontier],
+                linestyle=":",
+                color="#333333",
+                linewidth=1,
+                zorder=2,
+            )
+            ax.scatter(
+                [100 * point.x for point in frontier],
+                [100 * point.y for point in frontier],
+                marker=marker,
+                s=140,
+                facecolors="none",
+                edgecolors="#111111",
+                linewidths=1.3,
+                zorder=4,
+                gid=PARETO_FRONTIER_GID,
+            )
+            for point in frontier:
+                if (point.run, point.x, point.y) in labelled:
+                    continue
+                labelled.add((point.run, point.x, point.y))
+                ax.annotate(
+                    point.run,
+                    (100 * point.x, 100 * point.y),
+                    xytext=(6, 4),
+                    textcoords="offset points",
+                    fontsize=7,
+                )
+        for level in (0, 100):  # the drifting run's level and the base's
+            ax.axhline(level, color="#999999", linewidth=0.8, linestyle="--", zorder=0)
+        ax.set_xlabel(f"{METRIC_SPECS[skill].label}, % (higher is better)")
+        ax.set_title(f"{METRIC_SPECS[skill].label} vs excess removed", fontsize=11, fontweight="bold")
+        ax.grid(alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.spines[["top", "right"]].set_visible(False)
+    drifting = drift_run or "the drifting run"
+    axes[0].set_ylabel(f"share of {drifting}'s excess OOD rate removed, %\n(higher is better)")
+    plotted = dict.fromkeys(point.run for entry in series for point in entry.points)
+    handles = [Line2D([], [], marker="o", linestyle="", color=colors[name], label=name) for name in plotted]
+    handles += [
+        Line2D([], [], marker=markers[key], linestyle="", color="#555555", label=_excess_label(key))
+        for key in excess_keys
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle=":",
+            color="#111111",
+            markerfacecolor="none",
+            markersize=10,
+            label="Pareto frontier",
+        )
+    )
+    axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    return figure
+
+
+def _write_charts(
+    out_dir: Path,
+    runs: Mapping[str, Mapping[str, Any]],
+    pareto: Sequence[ParetoSeries] = (),
+    drift_run: str | None = None,
+) -> dict[str, Path]:
     charts: dict[str, Path] = {}
     hallucination_specs = _present_specs(runs, HALLUCINATION.metrics)
     if hallucination_specs:
@@ -416,6 +585,9 @@ def _write_charts(out_dir: Path, runs: Mapping[str, Mapping[str, Any]]) -> dict[
             runs, ppl_change, "Text perplexity change vs base model", "perplexity change, % (lower is better)"
         )
         charts["Text perplexity change"] = save_figure(figure, out_dir / "text_ppl_change.png")
+    if pareto:
+        figure = pareto_figure(pareto, list(runs), drift_run)
+        charts["Domain skill vs excess removed"] = save_figure(figure, out_dir / "pareto.png")
     return charts
 
 
@@ -441,24 +613,37 @@ def write_comparison_report(
     examples: Sequence[Mapping[str, Any]] | None = None,
     title: str = "anchorkd evaluation report",
     metadata: Mapping[str, Any] | None = None,
+    *,
+    base_run: str | None = None,
+    drift_run: str | None = None,
+    seed_metrics: Mapping[Any, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> list[Path]:
-    """Write report.json, report.md and bar-chart PNGs comparing ``runs``; return the paths written.
+    """Write report.json, report.md and chart PNGs comparing ``runs``; return the paths written.
 
     ``runs`` maps a run name to a flat metric dict (``chair_i``, ``ood_domain_object_rate``,
     ``indomain_f1``, ``text_ppl_change_pct``, ... and optional ``<metric>_std``); see METRIC_GROUPS for
     the metrics with a known meaning, other numeric keys are listed in an "Other metrics" table.
     ``examples`` (see :func:`examples_from_scores`) are ``{id, scene, style, reference, ground_truth,
     captions: {run: caption | {caption, hallucinated, hallucinated_spans}}}``.
+
+    When runs carry ``ood_excess_removed[_GROUP]`` and in-domain F1, the report adds the Pareto chart
+    and its frontier table (:mod:`anchorkd.eval.pareto`), also stored under ``"pareto"`` in
+    report.json: ``base_run`` and ``drift_run`` join it as reference points (y = 1 and 0), and
+    ``seed_metrics`` (``{seed: {run: metrics}}``) gives the seed spread of metrics the runs carry no
+    ``<metric>_std`` for.
     """
     if not runs:
         raise ValueError("write_comparison_report needs at least one run")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = dict(metadata or {})
-    document = {"title": title, "metadata": metadata, "runs": runs}
+    pareto = pareto_series(runs, base_run=base_run, drift_run=drift_run, per_seed=seed_metrics)
+    document: dict[str, Any] = {"title": title, "metadata": metadata, "runs": runs}
+    if pareto:
+        document["pareto"] = [entry.as_dict() for entry in pareto]
     written = [atomic_write_json(out_dir / "report.json", _json_safe(document))]
-    charts = _write_charts(out_dir, runs)
-    markdown = _render_markdown(title, runs, metadata, examples, charts)
+    charts = _write_charts(out_dir, runs, pareto, drift_run)
+    markdown = _render_markdown(title, runs, metadata, examples, charts, pareto, drift_run)
     written.append(atomic_write_text(out_dir / "report.md", markdown))
     written.extend(charts.values())
     return written

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.json"
 TEXT_EVAL_FILE = "text_eval.json"
+GENERATION_SETTINGS_FILE = "generation_settings.json"  # written by `eval generate`
 DEFAULT_MAX_REGRESSION_PCT = 5.0
 CAPTION_STYLES = ("general", "dense")
 """Styles that caption metrics apply to; other records (e.g. ``text`` chat) are counted, not scored."""

@@ -86,8 +86,10 @@ def text_perplexity(
     *,
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,
+    adapter_scale: float | None = None,
 ) -> dict[str, Any]:
-    """Per-token perplexity of ``model`` (+ ``adapter``) over the assistant turns of ``data_file``.
+    """Per-token perplexity of ``model`` (+ ``adapter``, scaled by ``adapter_scale``) over the assistant
+    turns of ``data_file``.
 
     Returns ``{"ppl", "nll", "tokens", "samples", "per_sample": [{"id", "tokens", "nll"}]}`` where
     ``nll`` is the mean negative log-likelihood per token (nats) and ``ppl = exp(nll)``.
@@ -96,7 +98,9 @@ def text_perplexity(
         raise ConfigError("--batch-size", f"must be at least 1, got {batch_size}")
     path = Path(data_file).expanduser().resolve()
     records = list(read_jsonl_records(path))
-    loaded = as_loaded_model(model, adapter, model_type=model_type, torch_dtype=torch_dtype)
+    loaded = as_loaded_model(
+        model, adapter, model_type=model_type, torch_dtype=torch_dtype, adapter_scale=adapter_scale
+    )
 
     import torch
 
@@ -147,13 +151,15 @@ def evaluate_text(
     batch_size: int = 8,
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,
+    adapter_scale: float | None = None,
 ) -> dict[str, Any]:
     """Measure ``model``'s text perplexity, compare it with a base, write ``out_dir/text_eval.json``.
 
     The base is one of: a checkpoint to measure (``base_model`` [+ ``base_adapter``]), an earlier
     ``text_eval.json`` of the same data (``base_text_eval``), or a known perplexity (``base_ppl``).
     A base checkpoint identical to the evaluated one is not loaded a second time: same weights, same
-    perplexity. Returns the written document; ``document["regressed"]`` is the gate's verdict.
+    perplexity. ``adapter_scale`` scales ``adapter`` only, never the base's. Returns the written
+    document; ``document["regressed"]`` is the gate's verdict.
     """
     given = [
         name
@@ -171,14 +177,15 @@ def evaluate_text(
     load_options = {"model_type": model_type, "torch_dtype": torch_dtype}
     # Read before loading any model, so a mismatched base file fails in a second, not after a load.
     earlier_base = base_from_text_eval(base_text_eval, data_file) if base_text_eval is not None else None
-    loaded = as_loaded_model(model, adapter, **load_options)
+    loaded = as_loaded_model(model, adapter, **load_options, adapter_scale=adapter_scale)
     result = text_perplexity(loaded, None, data_file, batch_size)
 
     base: dict[str, Any] | None = None
     if base_model is not None:
         base_dir = Path(base_model).expanduser().resolve()
         base_adapter_dir = Path(base_adapter).expanduser().resolve() if base_adapter is not None else None
-        if (base_dir, base_adapter_dir) == (loaded.model, loaded.adapter):
+        same_weights = loaded.adapter_scale is None or loaded.adapter_scale == 1.0
+        if same_weights and (base_dir, base_adapter_dir) == (loaded.model, loaded.adapter):
             logger.info("the base is the evaluated checkpoint itself: reusing its perplexity")
             base_result = result
         else:
