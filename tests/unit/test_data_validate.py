@@ -12,21 +12,33 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from test_data_media import corrupt_stream_png, oversized_png, truncated_jpeg
 
 from anchorkd.checks import check_run
+from anchorkd.cli import EXIT_BAD_INPUT, main
 from anchorkd.config import ConfigError, DataError
+from anchorkd.data import media
 from anchorkd.data.validate import (
     ACCEPTED_ROLES,
     ROLE_ALIASES,
     DataRules,
+    DatasetEntry,
     check_no_opsd_rows,
+    parse_dataset_entry,
     role_order_problem,
-    split_dataset_entry,
     validate_dataset_entry,
     validate_jsonl,
 )
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+@pytest.fixture(autouse=True)
+def media_cache(tmp_path, monkeypatch) -> Path:
+    """Each test remembers decoded images in its own folder, never in the user's cache."""
+    path = tmp_path / "media-verified.txt"
+    monkeypatch.setenv(media.MEDIA_CACHE_ENV, str(path))
+    return path
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -63,7 +75,8 @@ def test_synthetic_data_set_is_valid(synthetic_data_dir):
     assert validate_dataset_entry(str(train), "data.dataset[0]") == 6
 
 
-def test_valid_records_with_images_are_counted(tmp_path, image):
+def test_valid_records_with_images_are_counted(tmp_path, image, monkeypatch):
+    monkeypatch.setenv("ANCHORKD_ALLOW_NETWORK", "1")  # a URL is refused offline (test_data_media.py)
     path = write_jsonl(
         tmp_path / "ok.jsonl",
         [
@@ -108,7 +121,9 @@ def test_missing_image_names_file_line_and_image(tmp_path, image):
         tmp_path / "d.jsonl", [{**GOOD, "images": [str(image)]}, {**GOOD, "images": [str(missing)]}]
     )
     error = data_error(path)
-    assert str(error) == f"{path}:2: image not found: {missing}"
+    assert str(error) == (
+        f"{path}:2: image not found: {missing} (images[0]; ms-swift would replace the row with another one)"
+    )
 
 
 def test_file_that_is_not_an_image_names_file_and_line(tmp_path, image):
@@ -119,7 +134,7 @@ def test_file_that_is_not_an_image_names_file_and_line(tmp_path, image):
     )
     error = data_error(path)
     assert error.line == 3
-    assert f"{path}:3: not a readable image: {garbage}" in str(error)
+    assert f"{path}:3: not a readable image: {garbage} (UnidentifiedImageError: cannot identify" in str(error)
 
 
 def test_image_checks_can_be_skipped(tmp_path):
@@ -150,14 +165,25 @@ def test_line_that_is_not_utf8_names_file_and_line(tmp_path):
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
-        ("data/train.jsonl#100", ("data/train.jsonl", "100")),
-        ("data/train.jsonl", ("data/train.jsonl", None)),
-        ("AI-ModelScope/foo#500", ("AI-ModelScope/foo", "500")),
-        ("odd#name.jsonl", ("odd#name.jsonl", None)),
+        ("data/train.jsonl#100", DatasetEntry("data/train.jsonl", sample="100")),
+        ("data/train.jsonl", DatasetEntry("data/train.jsonl")),
+        ("AI-ModelScope/foo#500", DatasetEntry("AI-ModelScope/foo", sample="500")),
+        ("swift/self-cognition:zh/en#20", DatasetEntry("swift/self-cognition", ("zh", "en"), "20")),
+        ("hf::org/name", DatasetEntry("org/name", hub="hf")),
+        ("odd#name.jsonl", DatasetEntry("odd", sample="name.jsonl")),  # as ms-swift splits it
     ],
 )
-def test_split_dataset_entry(entry, expected):
-    assert split_dataset_entry(entry) == expected
+def test_parse_dataset_entry_follows_ms_swift(entry, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_dataset_entry(entry) == expected
+
+
+def test_an_existing_path_is_never_split(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("odd#name.jsonl", "a:b.jsonl", "x::y.jsonl"):
+        write_jsonl(tmp_path / name, [GOOD])
+        assert parse_dataset_entry(name) == DatasetEntry(name)
+        assert validate_dataset_entry(name, "data.dataset[0]") == 1
 
 
 def test_sampling_suffix_is_accepted(synthetic_data_dir, tmp_path):
@@ -397,7 +423,7 @@ def test_video_tags_that_do_not_match_the_videos_are_refused(tmp_path):
     error = data_error(path, DataRules(check_images=False))
     assert "2 <video> tag(s) in the messages but 1 item(s) in 'videos'" in str(error)
     ok = write_jsonl(tmp_path / "ok.jsonl", [image_row(1, ["a.mp4"], key="videos", tag="<video>")])
-    assert validate_jsonl(ok) == 1
+    assert validate_jsonl(ok, check_images=False) == 1
 
 
 def test_image_content_blocks_count_as_tag_and_item(tmp_path, image):
@@ -462,4 +488,375 @@ def test_tool_call_content_ms_swift_cannot_read_is_refused(tmp_path, content):
     assert (
         "messages[1] is a tool call, so its content must be an object (or its JSON text) with 'name'"
         in str(error)
+    )
+
+
+# --- content types ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (3, "messages[0].content must be text or a list of content blocks, got a number (3)"),
+        (True, "messages[0].content must be text or a list of content blocks, got a boolean (true)"),
+        (
+            {"text": "Q"},
+            'messages[0].content must be text or a list of content blocks, got an object ({"text": "Q"})',
+        ),
+        ([1, 2], "messages[0].content[0] must be a content block: an object with a 'type' (text, image, "),
+        ([{"text": "Q"}], "messages[0].content[0] must be a content block: an object with a 'type'"),
+        (
+            [{"type": "input_text", "text": "Q"}],
+            "messages[0].content[0] has type 'input_text', which ms-swift does not",
+        ),
+        (
+            [{"type": "text", "text": 5}],
+            "messages[0].content[0] is a text block, so its 'text' must be text, got a number",
+        ),
+        ([{"type": "text"}], "messages[0].content[0] is a text block, so its 'text' must be text, got null"),
+    ],
+)
+def test_content_of_the_wrong_type_is_refused(tmp_path, content, expected):
+    """ms-swift's template fails on these after the output folder is written."""
+    row = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "A"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, row])
+    assert str(data_error(path)).startswith(f"{path}:2: {expected}")
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": []}, {"role": "assistant", "content": "A"}],  # an empty text
+        [{"role": "user", "content": [{"type": "text", "text": "Q"}]}, {"role": "assistant", "content": "A"}],
+        # A tool result may be any JSON value: ms-swift trains on its JSON text.
+        [
+            {"role": "user", "content": "Q"},
+            {"role": "tool_call", "content": {"name": "f", "arguments": {}}},
+            {"role": "tool", "content": {"rows": [1, 2]}},
+            {"role": "assistant", "content": "A"},
+        ],
+        [
+            {"role": "user", "content": "Q"},
+            {"role": "tool_call", "content": TOOL_CALL},
+            {"role": "tool", "content": 42},
+        ],
+    ],
+)
+def test_content_ms_swift_reads_passes(tmp_path, messages):
+    assert validate_jsonl(write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])) == 1
+
+
+# --- media: decoded, found, offline -------------------------------------------------------------------
+
+
+def test_an_image_with_a_corrupt_data_stream_is_refused(tmp_path, image):
+    broken = corrupt_stream_png(tmp_path / "broken.png")
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{**GOOD, "images": [str(image)]}, GOOD, {**GOOD, "images": [str(broken)]}]
+    )
+    error = data_error(path)
+    assert error.line == 3
+    assert str(error).startswith(f"{path}:3: not a readable image: {broken} (OSError: ")
+    assert str(error).endswith("); ms-swift would replace the row with another one.")
+
+
+def test_every_unreadable_image_is_counted_and_the_first_row_named(tmp_path, image):
+    cut, broken = truncated_jpeg(tmp_path / "cut.jpg"), corrupt_stream_png(tmp_path / "broken.png")
+    rows = [
+        {**GOOD, "images": [str(image)]},
+        {**GOOD, "images": [str(cut)]},
+        {**GOOD, "images": [str(broken)]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", [*rows, {**GOOD, "images": [str(cut)]}])
+    error = data_error(path)
+    assert str(error).startswith(f"{path}:2: not a readable image: {cut} (OSError: image file is truncated")
+    assert str(error).endswith("2 images of this file cannot be read; this is the first.")
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_an_image_over_the_bomb_limit_is_refused_without_a_traceback(tmp_path, tiny_model_dir, with_lengths):
+    big = oversized_png(tmp_path / "big.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "images": [str(big)]}])
+    rules = DataRules(max_length=1024, tokenizer_dir=tiny_model_dir if with_lengths else None)
+    assert str(data_error(path, rules)) == (
+        f"{path}:2: not a readable image: {big} (200,000,000 pixels, over PIL's decompression-bomb limit of "
+        "178,956,970 pixels (2 x PIL.Image.MAX_IMAGE_PIXELS): PIL refuses to open it; scale it down); ms-swift "
+        "would replace the row with another one."
+    )
+
+
+def test_a_second_check_decodes_nothing(tmp_path, image, media_cache, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{**GOOD, "images": [str(image)]}])
+    assert validate_jsonl(path) == 1
+    assert media_cache.read_text().count("\n") == 1
+
+    def no_decoding(file):
+        raise AssertionError(f"decoded {file} again")
+
+    monkeypatch.setattr(media, "image_problem", no_decoding)
+    assert validate_jsonl(path) == 1
+
+
+def block_row(block: dict) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": [block, {"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": "A"},
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (
+            {**GOOD, "images": ["https://example.com/a.png"]},
+            "images[0] is a URL (https://example.com/a.png), and anchorkd runs offline by default: ms-swift would "
+            "retry it for most of a minute, then replace the row with another one. Download it and give its local "
+            "path, or set ANCHORKD_ALLOW_NETWORK=1",
+        ),
+        (
+            block_row({"type": "image_url", "image_url": {"url": "http://h/b.png"}}),
+            "messages[0].content[0] is a URL (http://h/b.png)",
+        ),
+        ({**GOOD, "videos": ["https://example.com/v.mp4"]}, "videos[0] is a URL (https://example.com/v.mp4)"),
+    ],
+)
+def test_a_url_is_refused_offline_and_passes_online(tmp_path, monkeypatch, row, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, row])
+    monkeypatch.delenv("ANCHORKD_ALLOW_NETWORK", raising=False)
+    assert str(data_error(path)).startswith(f"{path}:2: {expected}")
+    monkeypatch.setenv("ANCHORKD_ALLOW_NETWORK", "1")
+    assert validate_jsonl(path) == 2
+
+
+def test_a_missing_video_is_refused(tmp_path):
+    video = tmp_path / "clip.mp4"
+    path = write_jsonl(tmp_path / "d.jsonl", [{**GOOD, "videos": [str(video)]}])
+    assert str(data_error(path)) == (
+        f"{path}:1: video not found: {video} (videos[0]; ms-swift would replace the row with another one)"
+    )
+    video.write_bytes(b"\x00" * 16)  # videos are checked for existence only
+    assert validate_jsonl(path) == 1
+
+
+def test_a_missing_frame_of_a_video_is_refused(tmp_path, image):
+    gone = tmp_path / "frame1.png"
+    path = write_jsonl(tmp_path / "d.jsonl", [{**GOOD, "videos": [[str(image), str(gone)]]}])
+    assert str(data_error(path)).startswith(f"{path}:1: image not found: {gone} (videos[0][1];")
+
+
+def test_a_missing_image_in_a_content_block_is_refused(tmp_path, image):
+    gone = tmp_path / "gone.png"
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [block_row({"type": "image", "image": str(image)}), block_row({"type": "image", "image": str(gone)})],
+    )
+    assert str(data_error(path)) == (
+        f"{path}:2: image not found: {gone} (messages[0].content[0]; ms-swift would replace the row with another one)"
+    )
+
+
+def test_a_corrupt_image_in_a_content_block_is_refused(tmp_path):
+    broken = corrupt_stream_png(tmp_path / "broken.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [block_row({"type": "image", "image": str(broken)})])
+    assert str(data_error(path)).startswith(f"{path}:1: not a readable image: {broken} (OSError: ")
+
+
+def test_relative_image_paths_are_read_from_the_working_directory(tmp_path, image, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "d.jsonl", [{**GOOD, "images": [image.name]}])
+    assert validate_jsonl(path) == 1
+    monkeypatch.chdir(tmp_path.parent)
+    assert str(data_error(path)).startswith(f"{path}:1: image not found: {image.name} (images[0];")
+
+
+# --- .json files (one JSON array of rows) -------------------------------------------------------------
+
+
+def test_a_json_array_gets_the_row_checks_with_line_and_item(tmp_path):
+    rows = [GOOD, GOOD, {"messages": [{"role": "user", "content": 3}]}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows, indent=2))
+    line = json.dumps(rows, indent=2).splitlines().index("  {", 0) + 1  # where item [0] starts
+    error = data_error(path)
+    assert error.line == line + 2 * json.dumps(GOOD, indent=2).count("\n") + 2
+    assert str(error) == (
+        f"{path}:{error.line}: array item [2]: messages[0].content must be text or a list of content blocks, got a number (3)"
+    )
+
+
+def test_a_one_line_json_array_names_the_item(tmp_path, image):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "images": [str(tmp_path / "gone.png")]}]))
+    assert str(data_error(path)).startswith(
+        f"{path}:1: array item [1]: image not found: {tmp_path / 'gone.png'}"
+    )
+    path.write_text(json.dumps([{**GOOD, "images": [str(corrupt_stream_png(tmp_path / "b.png"))]}, GOOD]))
+    assert str(data_error(path)).startswith(f"{path}:1: array item [0]: not a readable image: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "expected"),
+    [
+        ('[\n  {"messages": [{"role": "user", "content": "Q"}]},\n  {"messages": [\n]', 4, "not valid JSON"),
+        (
+            '[\n{"messages": [{"role": "user", "content": "Q"}]}\n{"messages": []}\n]',
+            3,
+            "not valid JSON (expected ',' or ']' after array item [0])",
+        ),
+        (
+            '[{"messages": [{"role": "user", "content": "Q"}]}]\nmore',
+            1,
+            "not valid JSON (text after the closing ']'",
+        ),
+        ("[\n]", None, "the file holds no records"),
+        ("[\n  5\n]", 2, "array item [0]: a record must be a JSON object, got int"),
+    ],
+)
+def test_a_json_array_that_is_not_valid_names_the_line(tmp_path, text, line, expected):
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    error = data_error(path)
+    assert error.line == line
+    assert expected in str(error)
+
+
+def test_json_files_are_counted_like_jsonl(tmp_path, image):
+    rows = [GOOD, {**GOOD, "images": [str(image)]}, GOOD]
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows, indent=1))
+    lines = write_jsonl(
+        tmp_path / "lines.json", rows
+    )  # a .json file may hold JSON Lines, as datasets reads it
+    assert validate_dataset_entry(str(array), "data.dataset[0]") == 3
+    assert validate_dataset_entry(str(lines), "data.dataset[0]") == 3
+    assert validate_dataset_entry(f"{array}#2", "data.dataset[0]") == 3
+    with pytest.raises(DataError, match="ms-swift OPSD"):
+        array.write_text(json.dumps([GOOD, {**GOOD, "teacher_prompt": "x"}]))
+        validate_dataset_entry(str(array), "data.dataset[0]", DataRules(refuse_opsd=True))
+
+
+def test_a_json_file_of_rows_can_be_read_as_records(tmp_path):
+    from anchorkd.data.validate import read_jsonl_records
+
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(row) for row in [GOOD, GOOD]) + "\n]")
+    assert list(read_jsonl_records(path)) == [(2, GOOD), (3, GOOD)]
+
+
+# --- dataset entries: #N and :subsets -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["#0", "#-3", "#abc", "#", "#1.5"])
+def test_a_sample_count_that_is_not_above_zero_is_refused(synthetic_data_dir, suffix):
+    """ms-swift fails on these (int() or its assert) after the output folder is written."""
+    entry = f"{synthetic_data_dir / 'train.jsonl'}{suffix}"
+    with pytest.raises(ConfigError) as info:
+        validate_dataset_entry(entry, "data.dataset[1]")
+    assert info.value.key_path == "data.dataset[1]"
+    assert str(info.value) == (
+        f"data.dataset[1]: {entry!r}: ms-swift reads the text after the last '#' as the number of rows to take "
+        f"(path#N), and {suffix[1:]!r} is not a whole number above 0"
+    )
+
+
+def test_a_sample_count_on_a_hub_id_is_checked_too(monkeypatch):
+    monkeypatch.setenv("ANCHORKD_ALLOW_NETWORK", "1")
+    assert validate_dataset_entry("AI-ModelScope/foo#10", "data.dataset[0]") is None
+    with pytest.raises(ConfigError, match="'0' is not a whole number above 0"):
+        validate_dataset_entry("AI-ModelScope/foo#0", "data.dataset[0]")
+
+
+def test_a_sample_count_checks_the_rows_of_its_file(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"messages": [{"role": "user", "content": 1}]}])
+    with pytest.raises(DataError, match=f"{path}:2: messages\\[0\\].content must be text"):
+        validate_dataset_entry(f"{path}#1", "data.dataset[0]")
+
+
+def test_a_subset_on_a_local_file_is_refused(synthetic_data_dir):
+    entry = f"{synthetic_data_dir / 'train.jsonl'}:zh"
+    with pytest.raises(ConfigError) as info:
+        validate_dataset_entry(entry, "data.val_dataset[0]")
+    assert str(info.value) == (
+        f"data.val_dataset[0]: {entry!r}: ms-swift reads ':zh' as subsets, which a local file does not have (it "
+        "would load the whole file and ignore them)"
+    )
+
+
+def test_a_hash_in_a_missing_file_name_is_reported_as_a_missing_file(tmp_path):
+    entry = str(tmp_path / "odd#name.jsonl")
+    with pytest.raises(ConfigError, match=f"data file not found: {entry}$"):
+        validate_dataset_entry(entry, "data.dataset[0]")
+
+
+# --- every class refused by validate, check and train: exit 2, file:line, nothing written ---------------
+
+
+def bad_data_sets(root: Path) -> dict[str, tuple[str, str]]:
+    """Name -> (data.dataset entry, what stderr must hold)."""
+    root.mkdir()
+    broken = corrupt_stream_png(root / "broken.png")
+    big = oversized_png(root / "big.png")
+
+    def file(name: str, rows: list) -> str:
+        return str(write_jsonl(root / name, [GOOD, *rows]))
+
+    number = {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "A"}]}
+    array = root / "rows.json"
+    array.write_text(f"[\n{json.dumps(GOOD)},\n{json.dumps(number)}\n]")  # item [1] on line 3
+    return {
+        "corrupt stream": (
+            file("a.jsonl", [{**GOOD, "images": [str(broken)]}]),
+            f"a.jsonl:2: not a readable image: {broken}",
+        ),
+        "bomb": (file("b.jsonl", [{**GOOD, "images": [str(big)]}]), "b.jsonl:2: not a readable image: "),
+        "url offline": (
+            file("c.jsonl", [{**GOOD, "images": ["https://example.com/x.png"]}]),
+            "c.jsonl:2: images[0] is a URL",
+        ),
+        "missing video": (
+            file("d.jsonl", [{**GOOD, "videos": [str(root / "v.mp4")]}]),
+            "d.jsonl:2: video not found",
+        ),
+        "missing block image": (
+            file("e.jsonl", [block_row({"type": "image", "image": str(root / "gone.png")})]),
+            "e.jsonl:2: image not found",
+        ),
+        "number content": (file("f.jsonl", [number]), "f.jsonl:2: messages[0].content must be text"),
+        "json array row": (str(array), "rows.json:3: array item [1]: messages[0].content must be text"),
+        "sample count 0": (file("g.jsonl", []) + "#0", "data.dataset[0]: "),
+    }
+
+
+BAD_DATA = [
+    "corrupt stream",
+    "bomb",
+    "url offline",
+    "missing video",
+    "missing block image",
+    "number content",
+    "json array row",
+    "sample count 0",
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "check", "train"])
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_refused_by_every_command_before_anything_is_written(
+    tmp_path, tiny_model_dir, capsys, monkeypatch, command, case
+):
+    monkeypatch.delenv("ANCHORKD_ALLOW_NETWORK", raising=False)
+    entry, expected = bad_data_sets(tmp_path / "data")[case]
+    config = write_config(tmp_path, tiny_model_dir, [entry])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "media-verified.txt")
+    status = main([command, "--config", str(config)] if command == "train" else [command, str(config)])
+    err = capsys.readouterr().err
+    assert status == EXIT_BAD_INPUT
+    assert err.startswith("anchorkd: error: ") and "Traceback" not in err
+    assert expected in err
+    assert not (tmp_path / "out").exists()
+    assert (
+        sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "media-verified.txt")
+        == before
     )

@@ -20,6 +20,14 @@ What ms-swift 4.6.0 does, read from its code (``swift/dataset/preprocessor/core.
   surplus tags stay in the text as the literal characters ``<image>`` (a warning, nothing else).
 - length: with the default ``truncation_strategy`` (``delete``) a row longer than ``max_length`` tokens
   raises ``MaxLengthError`` inside encoding and is dropped without a word.
+- content: a message's content is text, or a list of typed blocks (``{"type": "text", "text": ...}``,
+  ``{"type": "image", "image": ...}``, ...); ``StdTemplateInputs.from_dict`` turns a tool call's or tool
+  result's other JSON values into their JSON text, and fails on any other shape.
+- media: each image is loaded when the row is encoded (``anchorkd.data.media`` checks them the same way).
+- files: ``.jsonl`` and ``.json`` are read by ``datasets``' JSON builder: a file that starts with ``[`` is one
+  JSON array of rows, any other is JSON Lines.
+- entries: ``DatasetSyntax.parse`` reads ``[hf::|ms::]location[:subset/...][#N]``, each part only where the
+  text before it is not an existing path; ``#N`` takes N rows (N must be a whole number above 0).
 """
 
 from __future__ import annotations
@@ -34,13 +42,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import ConfigError, DataError
 from ..io import iter_jsonl
 from ..offline import network_allowed
+from . import media
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+# The files whose rows are checked here (the others are left to ms-swift).
+JSON_SUFFIXES = (".jsonl", ".json")
 
 # Role as written in the data -> the role ms-swift turns it into. Anything else is dropped by ms-swift.
 ROLE_ALIASES = {
@@ -76,7 +87,9 @@ class DataRules:
     longer than it are refused, unless ``truncation_strategy`` (ms-swift's) truncates instead of
     dropping (``left`` / ``right``). ``max_pixels``: ``template.max_pixels``. ``refuse_opsd``: refuse rows
     with ``teacher_prompt`` / ``teacher_images`` (the ``gkd_monitor`` trainer cannot use them).
-    ``check_images``: open every local image once.
+    ``check_images``: check the media rows name (``anchorkd.data.media``): no URL while offline, every local
+    video exists, every local image decodes (once: decoded files are remembered in
+    ``media.media_cache_path()``).
     """
 
     max_length: int | None = None
@@ -98,29 +111,80 @@ class DataRules:
 # --- dataset entries in the config --------------------------------------------------------------------
 
 
-def split_dataset_entry(entry: str) -> tuple[str, str | None]:
-    """ms-swift allows ``path#N`` (take N samples); return (path, suffix)."""
-    if os.path.exists(entry):  # ms-swift, too, takes an existing path whole before looking for '#'
-        return entry, None
-    path, sep, count = entry.rpartition("#")
-    if sep and count.isdigit():
-        return path, count
-    return entry, None
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A ``data.dataset`` entry as ms-swift reads it: ``[hub::]location[:subset/...][#sample]``."""
+
+    location: str
+    subsets: tuple[str, ...] = ()
+    sample: str | None = None  # the text after the last '#', as written
+    hub: str | None = None  # the text before '::' (ms-swift knows 'hf' and 'ms')
+
+
+def _exists(text: str) -> bool:
+    return os.path.exists(os.path.expanduser(text))
+
+
+def parse_dataset_entry(entry: str) -> DatasetEntry:
+    """Split ``entry`` as ``DatasetSyntax.parse`` does: each of ``hub::``, ``#sample`` and ``:subsets`` is split
+    off only when the text still holding it is not an existing path (so ``odd#name.jsonl`` that exists is a
+    file, and one that does not is ``odd`` with the sample ``name.jsonl``)."""
+    rest, hub, sample, subsets = entry, None, None, ()
+    if not _exists(rest) and "::" in rest:
+        hub, rest = rest.split("::", 1)
+    if not _exists(rest) and "#" in rest:
+        rest, sample = rest.rsplit("#", 1)
+    if not _exists(rest) and ":" in rest:
+        rest, subset_text = rest.split(":", 1)
+        subsets = tuple(subset.strip() for subset in subset_text.split("/"))
+    return DatasetEntry(rest.strip(), subsets, sample, hub)
 
 
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.endswith(DATA_SUFFIXES)
 
 
+def sample_count(entry: str, parsed: DatasetEntry, key_path: str) -> int | None:
+    """The ``#N`` of an entry: ms-swift reads it with ``int()`` and asserts N > 0 after the output folder is
+    written (and a text that is no number fails its parsing), so both are refused here."""
+    if parsed.sample is None:
+        return None
+    try:
+        count = int(parsed.sample)
+    except ValueError:
+        count = None
+    if count is None or count < 1:
+        raise ConfigError(
+            key_path,
+            f"{entry!r}: ms-swift reads the text after the last '#' as the number of rows to take "
+            f"(path#N), and {parsed.sample!r} is not a whole number above 0",
+        )
+    return count
+
+
 def check_dataset_location(entry: str, key_path: str) -> Path | None:
     """Where a ``data.dataset`` entry points: an existing local file or folder, or None for a hub
     dataset when the network is allowed. Anything else is a ConfigError naming ``key_path``: left to
-    ms-swift, a hub id is retried for about 45 s offline and fails after the output folder exists."""
-    path_text, _ = split_dataset_entry(str(entry))
-    path = Path(path_text).expanduser()
+    ms-swift, a hub id is retried for about 45 s offline and fails after the output folder exists. The
+    ``#N`` sample count must be a whole number above 0, and a local file takes no ``:subset``."""
+    entry = str(entry)
+    parsed = parse_dataset_entry(entry)
+    path = Path(parsed.location).expanduser()
+    if parsed.sample is not None and not path.exists() and _looks_local(entry):
+        try:
+            int(parsed.sample)
+        except ValueError:  # no sample count: the '#' is part of a file name that does not exist
+            raise ConfigError(key_path, f"data file not found: {Path(entry).expanduser()}") from None
+    sample_count(entry, parsed, key_path)
     if path.exists():
+        if parsed.subsets and path.is_file():
+            raise ConfigError(
+                key_path,
+                f"{entry!r}: ms-swift reads ':{'/'.join(parsed.subsets)}' as subsets, which a local file does not "
+                "have (it would load the whole file and ignore them)",
+            )
         return path
-    if _looks_local(path_text):
+    if _looks_local(parsed.location) or _looks_local(entry):
         raise ConfigError(key_path, f"data file not found: {path}")
     if network_allowed():
         return None
@@ -132,49 +196,152 @@ def check_dataset_location(entry: str, key_path: str) -> Path | None:
 
 
 def validate_dataset_entry(entry: str, key_path: str, rules: DataRules | None = None) -> int | None:
-    """Validate one ``data.dataset`` entry; returns the record count for local JSONL files.
+    """Validate one ``data.dataset`` entry; returns the record count of a local ``.jsonl`` / ``.json`` file
+    (the whole file: a ``#N`` count takes rows from it, and every row may be taken).
 
-    A folder (a local dataset repository) and files other than ``.jsonl`` are left to ms-swift.
+    A folder (a local dataset repository) and other files (``.csv``, ``.parquet``, ...) are left to ms-swift.
     """
     path = check_dataset_location(entry, key_path)
-    if path is None or not path.is_file() or path.suffix != ".jsonl":
+    if path is None or not path.is_file() or path.suffix not in JSON_SUFFIXES:
         return None
-    return validate_jsonl(path, rules=rules)
+    return validate_data_file(path, rules=rules)
 
 
 # --- files --------------------------------------------------------------------------------------------
 
 
-def validate_jsonl(path: str | Path, check_images: bool = True, rules: DataRules | None = None) -> int:
-    """Check every line of an ms-swift JSONL file against every rule; raise DataError naming
-    ``file:line``. Returns the number of records. ``rules`` (when given) replaces ``check_images``."""
+@dataclass(frozen=True)
+class RowPlace:
+    """Where a row is: the line it starts on and, in a JSON array file, its index in the array."""
+
+    line: int
+    index: int | None = None
+
+    def error(self, path: Path, message: str) -> DataError:
+        where = "" if self.index is None else f"array item [{self.index}]: "
+        return DataError(str(path), where + message, self.line)
+
+    def locate(self, error: DataError) -> DataError:
+        """``error`` (raised by a check that knows the line only) with the row's array index added."""
+        if self.index is None:
+            return error
+        prefix = f"{error.path}:{error.line}: " if error.line is not None else f"{error.path}: "
+        return self.error(Path(error.path), str(error).removeprefix(prefix))
+
+
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _holds_json_array(path: Path) -> bool:
+    """Whether ``datasets`` reads the file as one JSON array: its first non-blank character is '['."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(4096):
+            stripped = chunk.lstrip(b" \t\r\n")
+            if stripped:
+                return stripped.startswith(b"[")
+    return False
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[RowPlace, object]]:
+    """The items of a file holding one JSON array, each with the line it starts on and its index."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(str(path), f"not valid UTF-8 text ({exc.reason} at byte {exc.start})", line) from None
+    decoder = json.JSONDecoder()
+    line, counted_to = 1, 0
+
+    def line_at(position: int) -> int:
+        nonlocal line, counted_to
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        return line
+
+    def skip(position: int) -> int:
+        return _JSON_WHITESPACE.match(text, position).end()
+
+    position = skip(0) + 1  # past the '['
+    position = skip(position)
+    index = 0
+    if text.startswith("]", position):
+        position += 1
+    else:
+        while True:
+            try:
+                record, end = decoder.raw_decode(text, position)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    str(path), f"not valid JSON ({exc.msg} at column {exc.colno})", exc.lineno
+                ) from None
+            yield RowPlace(line_at(position), index), record
+            position = skip(end)
+            if text.startswith(",", position):
+                position, index = skip(position + 1), index + 1
+                continue
+            if text.startswith("]", position):
+                position += 1
+                break
+            raise DataError(
+                str(path),
+                f"not valid JSON (expected ',' or ']' after array item [{index}])",
+                line_at(position),
+            )
+    if skip(position) != len(text):
+        raise DataError(
+            str(path), "not valid JSON (text after the closing ']' of the array)", line_at(position)
+        )
+
+
+def iter_data_rows(path: str | Path) -> Iterator[tuple[RowPlace, object]]:
+    """The rows of a local ``.jsonl`` / ``.json`` data file as ms-swift reads them (a file that starts with
+    '[' is one JSON array; any other is JSON Lines), each with its :class:`RowPlace`. A line that is not
+    JSON raises DataError naming ``file:line``."""
     path = Path(path)
-    rules = rules or DataRules(check_images=check_images)
+    if _holds_json_array(path):
+        yield from _iter_json_array(path)
+    else:
+        for line_no, record in iter_jsonl(path):
+            yield RowPlace(line_no), record
+
+
+def validate_data_file(path: str | Path, rules: DataRules | None = None) -> int:
+    """Check every row of an ms-swift ``.jsonl`` / ``.json`` file against every rule; raise DataError naming
+    ``file:line`` (and, in a JSON array, the item's index). Returns the number of rows."""
+    path = Path(path)
+    rules = rules or DataRules()
     lengths = None
     if rules.checks_lengths:
         lengths = RowLengthTally(
             path, rules.max_length, RowTokenCounter(rules.tokenizer_dir, rules.max_pixels)
         )
+    files = MediaFiles(path, check_files=rules.check_images)
     count = 0
-    checked_images: set[str] = set()
-    for line_no, record in iter_jsonl(path):
-        check_record(record, path, line_no)
-        check_media_tags(record, path, line_no)
-        if rules.refuse_opsd:
-            check_not_opsd(record, path, line_no)
-        if rules.check_images:
-            for image in _image_paths(record, path, line_no):
-                if image not in checked_images:
-                    _check_image(image, path, line_no)
-                    checked_images.add(image)
+    for place, record in iter_data_rows(path):
+        try:
+            check_record(record, path, place.line)
+            check_media_tags(record, path, place.line)
+            if rules.refuse_opsd:
+                check_not_opsd(record, path, place.line)
+        except DataError as exc:
+            raise place.locate(exc) from None
+        files.add(record, place)
         if lengths is not None:
-            lengths.add(record, line_no)
+            lengths.add(record, place)
         count += 1
     if count == 0:
         raise DataError(str(path), "the file holds no records")
+    files.decode_images()
     if lengths is not None:
         lengths.raise_if_any()
     return count
+
+
+def validate_jsonl(path: str | Path, check_images: bool = True, rules: DataRules | None = None) -> int:
+    """:func:`validate_data_file` (any ``.jsonl`` / ``.json`` file); ``rules`` (when given) replaces
+    ``check_images``."""
+    return validate_data_file(path, rules=rules or DataRules(check_images=check_images))
 
 
 # --- one record ---------------------------------------------------------------------------------------
@@ -182,7 +349,7 @@ def validate_jsonl(path: str | Path, check_images: bool = True, rules: DataRules
 
 def check_record(record, path: Path, line_no: int) -> None:
     """The shape of one row: an object with a non-empty ``messages`` list of ``{role, content}``, the
-    roles ms-swift accepts, in an order its template can pair."""
+    roles ms-swift accepts, contents it can read, in an order its template can pair."""
     if not isinstance(record, dict):
         raise DataError(str(path), f"a record must be a JSON object, got {type(record).__name__}", line_no)
     messages = record.get("messages")
@@ -196,6 +363,7 @@ def check_record(record, path: Path, line_no: int) -> None:
         if message["content"] is None:
             raise DataError(str(path), f"messages[{i}].content is null (ms-swift drops such rows)", line_no)
     check_roles(messages, path, line_no)
+    check_contents(messages, path, line_no)
     check_role_order(messages, path, line_no)
     check_tool_calls(messages, path, line_no)
 
@@ -211,6 +379,54 @@ def check_roles(messages: list[dict], path: Path, line_no: int) -> None:
                 f"accepted: {', '.join(ACCEPTED_ROLES)}",
                 line_no,
             )
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "a list", str: "text", type(None): "null"}.get(type(value), "?")
+
+
+def check_contents(messages: list[dict], path: Path, line_no: int) -> None:
+    """Each content is text or a list of typed content blocks; a tool call's or tool result's may be any
+    JSON value (ms-swift uses its JSON text). ms-swift's template fails on anything else, after the output
+    folder is written."""
+    for i, message in enumerate(messages):
+        content = message["content"]
+        if isinstance(content, str) or ROLE_ALIASES[message["role"]] in ("tool_call", "tool"):
+            continue
+        if not isinstance(content, list):
+            raise DataError(
+                str(path),
+                f"messages[{i}].content must be text or a list of content blocks, got {_json_type(content)} "
+                f"({json.dumps(content)[:40]})",
+                line_no,
+            )
+        for j, block in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise DataError(
+                    str(path),
+                    f"{where} must be a content block: an object with a 'type' ({', '.join(media.CONTENT_BLOCK_TYPES)})"
+                    f", got {_json_type(block)}",
+                    line_no,
+                )
+            if block["type"] not in media.CONTENT_BLOCK_TYPES:
+                raise DataError(
+                    str(path),
+                    f"{where} has type {block['type']!r}, which ms-swift does not read; accepted: "
+                    f"{', '.join(media.CONTENT_BLOCK_TYPES)}",
+                    line_no,
+                )
+            if block["type"] == "text" and not isinstance(block.get("text"), str):
+                raise DataError(
+                    str(path),
+                    f"{where} is a text block, so its 'text' must be text, got {_json_type(block.get('text'))}",
+                    line_no,
+                )
 
 
 def role_order_problem(roles: list[str]) -> tuple[int, str] | None:
@@ -374,38 +590,79 @@ def check_no_opsd_rows(path: str | Path) -> int:
     """Refuse a file with any OPSD row (``teacher_prompt`` / ``teacher_images``); returns the row count."""
     path = Path(path)
     count = 0
-    for line_no, record in iter_jsonl(path):
+    for place, record in iter_data_rows(path):
         if isinstance(record, dict):
-            check_not_opsd(record, path, line_no)
+            try:
+                check_not_opsd(record, path, place.line)
+            except DataError as exc:
+                raise place.locate(exc) from None
         count += 1
     return count
 
 
-def _image_paths(record: dict, path: Path, line_no: int) -> list[str]:
-    images = _media_items(record, "images")
-    if not isinstance(images, list):
-        raise DataError(str(path), "'images' must be a list of paths", line_no)
-    result = []
-    for image in images:
-        if isinstance(image, dict):
-            image = image.get("path")
-        if not isinstance(image, str):
-            raise DataError(str(path), f"image entry {image!r} is not a path", line_no)
-        if image.startswith(("http://", "https://", "data:")):
-            continue
-        result.append(image)
-    return result
+# --- media files ------------------------------------------------------------------------------------
+
+# What ms-swift does with a row whose media it cannot load.
+ROW_LOST = "ms-swift would replace the row with another one"
 
 
-def _check_image(image: str, path: Path, line_no: int) -> None:
-    image_path = Path(image).expanduser()
-    if not image_path.is_file():
-        raise DataError(str(path), f"image not found: {image}", line_no)
-    try:
-        with Image.open(image_path) as handle:
-            handle.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(str(path), f"not a readable image: {image} ({exc})", line_no) from None
+class MediaFiles:
+    """The media of one data file. Per row (cheap): every entry has the right type, and with
+    ``check_files`` no URL is named while offline and every local file exists. At the end
+    (:meth:`decode_images`): every local image decodes, each file once."""
+
+    def __init__(self, path: Path, check_files: bool = True):
+        self.path = path
+        self.check_files = check_files
+        self.seen: set[tuple[str, str]] = set()
+        self.images: dict[
+            Path, tuple[RowPlace, str]
+        ] = {}  # image file -> the first row naming it, as written
+
+    def add(self, record: dict, place: RowPlace) -> None:
+        try:
+            refs = media.row_media(record)
+        except media.MediaFieldError as exc:
+            raise place.error(self.path, str(exc)) from None
+        if not self.check_files:
+            return
+        for ref in refs:
+            if (ref.kind, ref.value) in self.seen or media.is_inline(ref.value):
+                continue
+            self.seen.add((ref.kind, ref.value))
+            if media.is_url(ref.value):
+                if not network_allowed():
+                    raise place.error(
+                        self.path,
+                        f"{ref.field} is a URL ({ref.value.strip()}), and anchorkd runs offline by default: "
+                        "ms-swift would retry it for most of a minute, then replace the row with another one. "
+                        "Download it and give its local path, or set ANCHORKD_ALLOW_NETWORK=1",
+                    )
+                continue
+            file = media.local_file(ref.value)
+            if not file.is_file():
+                raise place.error(self.path, f"{ref.kind} not found: {ref.value} ({ref.field}; {ROW_LOST})")
+            if ref.kind == media.IMAGE:
+                self.images.setdefault(file, (place, ref.value))
+
+    def decode_images(self) -> None:
+        """Decode every image not decoded before (see ``anchorkd.data.media``); refuse the file naming the
+        first row whose image fails, and how many fail in all."""
+        if not self.images:
+            return
+        problems = media.undecodable_images(
+            list(self.images), media.VerifiedMediaCache(media.media_cache_path())
+        )
+        if not problems:
+            return
+        file = next(file for file in self.images if file in problems)
+        place, value = self.images[file]
+        others = (
+            f" {len(problems)} images of this file cannot be read; this is the first."
+            if len(problems) > 1
+            else ""
+        )
+        raise place.error(self.path, f"not a readable image: {value} ({problems[file]}); {ROW_LOST}.{others}")
 
 
 # --- row lengths --------------------------------------------------------------------------------------
@@ -536,8 +793,12 @@ class RowTokenCounter:
 
     def _local_image_tokens(self, image: str) -> int:
         if image not in self._image_tokens:
-            with Image.open(Path(image).expanduser()) as handle:
-                width, height = handle.size
+            try:
+                with Image.open(media.local_file(image)) as handle:
+                    width, height = handle.size
+            except Exception:  # not found or unreadable: the media check names it; no tokens here
+                self._image_tokens[image] = 0
+                return 0
             if max(width, height) / max(1, min(width, height)) > QWEN_VL_MAX_RATIO:
                 raise ValueError(
                     f"image {image} is {width}x{height}: an aspect ratio above {QWEN_VL_MAX_RATIO}, which "
@@ -558,7 +819,7 @@ class RowTokenCounter:
         if not any(key in (record.get("chat_template_kwargs") or {}) for key in _ROW_RESIZE_KEYS):
             for image in _media_items(record, "images"):
                 image = image.get("path") if isinstance(image, dict) else image
-                if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+                if isinstance(image, str) and not (media.is_url(image) or media.is_inline(image)):
                     tokens += self._local_image_tokens(image)
         return tokens
 
@@ -569,29 +830,29 @@ class RowLengthTally:
     def __init__(self, path: Path, max_length: int | None, counter: RowTokenCounter | None):
         self.path, self.max_length, self.counter = path, max_length, counter
         self.over = 0
-        self.first: tuple[int, int] | None = None  # (line, tokens)
+        self.first: tuple[RowPlace, int] | None = None  # (where, tokens)
 
-    def add(self, record: dict, line_no: int) -> None:
+    def add(self, record: dict, place: RowPlace | int) -> None:
+        place = place if isinstance(place, RowPlace) else RowPlace(place)
         try:
             tokens = self.counter.count(record, self.max_length)
         except ValueError as exc:
-            raise DataError(str(self.path), str(exc), line_no) from None
+            raise place.error(self.path, str(exc)) from None
         if tokens > self.max_length:
             self.over += 1
             if self.first is None:
-                self.first = (line_no, tokens)
+                self.first = (place, tokens)
 
     def raise_if_any(self) -> None:
         if self.first is None:
             return
-        line_no, tokens = self.first
-        raise DataError(
-            str(self.path),
+        place, tokens = self.first
+        raise place.error(
+            self.path,
             f"{self.over} row(s) longer than template.max_length ({self.max_length} tokens), the first "
             f"one here with at least {tokens} tokens: ms-swift drops such rows without a word. Shorten or "
             "remove them, raise template.max_length, or set template.truncation_strategy to left or right "
             "to truncate them",
-            line_no,
         )
 
 
@@ -603,15 +864,16 @@ def check_row_lengths(
     path = Path(path)
     tally = RowLengthTally(path, max_length, RowTokenCounter(tokenizer_dir, max_pixels))
     count = 0
-    for line_no, record in iter_jsonl(path):
-        tally.add(record, line_no)
+    for place, record in iter_data_rows(path):
+        tally.add(record, place)
         count += 1
     tally.raise_if_any()
     return count
 
 
 def read_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, record)`` of an ms-swift JSONL file after checking every line and image.
+    """Yield ``(line number, record)`` of an ms-swift ``.jsonl`` (or ``.json``) file after checking every
+    row and image; the line is the one a row starts on.
 
     The whole file is validated before the first record is returned, so a bad line fails the caller
     before any model time is spent, with ``file:line``.
@@ -619,5 +881,6 @@ def read_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(str(path), "data file not found")
-    validate_jsonl(path)
-    yield from iter_jsonl(path)
+    validate_data_file(path)
+    for place, record in iter_data_rows(path):
+        yield place.line, record
