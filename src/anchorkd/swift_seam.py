@@ -1,8 +1,12 @@
-"""The one module that touches ms-swift's and transformers' internals (ms-swift 4.6.0, transformers 5.19.0).
+"""The one module that touches ms-swift's, transformers' and PEFT's internals (ms-swift 4.6.0, transformers
+5.19.0, peft 0.20.0); DeepSpeed's are in its sibling ``deepspeed_seam.py``.
 
 Everything anchorkd relies on that is not a documented public API sits here, behind small named
 functions, so an upgrade of the pinned stack breaks this file and ``tests/unit/test_swift_seam_contract.py``
-(which asserts each internal exists with the shape used here), not code spread over the package.
+(which asserts each internal exists with the shape used here), not code spread over the package. The
+private trainer and pipeline hooks that anchorkd's subclasses override (``_prepare_inputs``,
+``_get_trainer_kwargs``, ...) stay in those subclasses; the contract test lists each with the parameters
+anchorkd relies on, and fails when a subclass overrides one it does not list.
 """
 
 from __future__ import annotations
@@ -162,6 +166,12 @@ def reset_generation_buffer(trainer: Any) -> None:
     trainer._buffered_inputs = None
 
 
+def mark_loss_scaled_for_accumulation(trainer: Any) -> None:
+    """Tell HF's ``training_step`` that ``compute_loss`` already divides by the accumulation window, so it
+    does not divide by ``gradient_accumulation_steps`` again (HF's ``loss_is_scaled_for_ga``)."""
+    trainer.loss_is_scaled_for_ga = True
+
+
 def metric_store(trainer: Any) -> dict:
     """ms-swift's per-mode metric lists (``{"train": defaultdict(list), "eval": ...}``) that its ``log``
     averages and clears."""
@@ -208,6 +218,45 @@ def configure_template(template: Any, *, max_pixels: int | None, system: str | N
     if system is not None:
         template.template_meta.check_system(system)
         template.template_meta.default_system = system
+
+
+def template_type(template: Any) -> str:
+    """The name of an engine's chat template (``template_meta.template_type``)."""
+    return template.template_meta.template_type
+
+
+@contextlib.contextmanager
+def training_encoding(template: Any, model: Any) -> Iterator[Any]:
+    """An inference engine's ``template`` encoding as in training for the block (labels on the assistant
+    tokens only), with ``model`` attached where the template needs one to encode; its mode is restored."""
+    previous_mode = template.mode
+    if template.use_model:
+        template.model = model
+    template.set_mode("train")
+    try:
+        yield template
+    finally:
+        template.set_mode(previous_mode)
+
+
+def model_inputs(template: Any, model: Any, encoded: list[dict]) -> tuple[dict, Any]:
+    """(forward keyword arguments, labels) for a batch of ``encoded`` rows, as in training: ms-swift's collator
+    pads them, and its pre-forward hook turns input ids and pixels into the model's inputs."""
+    from swift.utils import to_device
+
+    batch = template.data_collator(list(encoded))
+    labels = batch.pop("labels")
+    batch.pop("loss_scale", None)
+    _, inputs = template.pre_forward_hook(model, None, to_device(batch, model.device))
+    return inputs, labels
+
+
+# --- PEFT --------------------------------------------------------------------------------------------------
+
+
+def peft_base_layer(module: Any) -> Any:
+    """The layer a PEFT tuner (LoRA) wraps, read through its ``base_layer``; ``module`` itself otherwise."""
+    return getattr(module, "base_layer", module)
 
 
 # --- logging.jsonl --------------------------------------------------------------------------------------

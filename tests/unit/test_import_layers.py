@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "anchorkd"
-BOTTOM = {"errors", "io", "swift_seam", "checkpoints", "offline", "resources"}
+BOTTOM = {"errors", "io", "swift_seam", "deepspeed_seam", "waits", "checkpoints", "offline", "resources"}
 # What each package may import from anchorkd, besides itself and the bottom layer.
 ALLOWED = {
     "losses": set(),

@@ -1,5 +1,7 @@
-"""The contract of ``anchorkd.swift_seam``: every ms-swift / transformers internal it touches exists with the
-shape it relies on. An upgrade of the pinned stack that moves one of them fails here, by name."""
+"""The contract of ``anchorkd.swift_seam`` and ``anchorkd.deepspeed_seam``: every ms-swift / transformers /
+PEFT / DeepSpeed internal they touch exists with the shape they rely on, and every private hook anchorkd's
+subclasses override is listed with its parameters. An upgrade of the pinned stack that moves one of them
+fails here, by name."""
 
 from __future__ import annotations
 
@@ -144,12 +146,6 @@ def test_progress_callback_pieces_the_precise_callback_reuses():
     assert stock is ProgressCallbackNew and issubclass(precise, ProgressCallbackNew)
 
 
-def test_hf_trainer_knob_for_a_loss_already_scaled_for_accumulation():
-    from transformers import Trainer
-
-    assert "loss_is_scaled_for_ga" in source(Trainer)
-
-
 def test_torchrun_args_need_nproc_per_node(monkeypatch):
     for name in ("NPROC_PER_NODE", "NNODES"):
         monkeypatch.delenv(name, raising=False)
@@ -218,3 +214,217 @@ def test_engine_settings_without_a_gpu_rest_on_these_internals():
     )
     assert seam.cpu_mixed_precision({}) == {"fp16": False}
     assert seam.cpu_mixed_precision({"fp16": True}) == {}
+
+
+# --- the private hooks anchorkd's subclasses override ------------------------------------------------------
+
+# Each hook anchorkd overrides, with the parameters ms-swift / transformers call it with and anchorkd's override
+# takes. A new override of a foreign private method must be added here (the next test fails until it is).
+OVERRIDDEN_HOOKS: dict[str, tuple[str, ...]] = {
+    "_prepare_inputs": ("self", "inputs"),  # GKDTrainer: builds or reads the generation buffer
+    "_rollout_samples": ("self", "inputs"),  # GKDTrainer: rows -> GKDSamples (+ student samples)
+    "split_by_mini_batches": ("self", "samples"),  # RolloutMixin: samples -> micro-batches
+    "_prepare_batch_inputs": ("self", "samples"),  # GKDTrainer: micro-batches -> encoded batch dicts
+    "_get_train_sampler": ("self", "train_dataset"),  # GKDTrainer (RepeatSampler), HF Trainer
+    "_get_trainer_kwargs": ("self",),  # SwiftSft / SwiftRLHF: the trainer's constructor arguments
+}
+
+
+def parameters(function) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
+
+
+def anchorkd_subclasses() -> list[type]:
+    from anchorkd.trainers.gkd_monitor import GKDTrainerWithMetrics
+    from anchorkd.trainers.pipeline import _pipeline_classes
+    from anchorkd.trainers.resume import ResumableGKDTrainer
+
+    return [GKDTrainerWithMetrics, ResumableGKDTrainer, *_pipeline_classes()]
+
+
+def foreign_bases(cls: type) -> list[type]:
+    return [base for base in cls.__mro__ if not base.__module__.startswith("anchorkd")]
+
+
+def test_the_hooks_anchorkd_overrides_have_the_parameters_it_relies_on():
+    gkd = seam.gkd_trainer_base()
+    swift_sft, swift_rlhf = seam.pipeline_classes()
+    owners = {name: [gkd] for name in OVERRIDDEN_HOOKS}
+    owners["_get_trainer_kwargs"] = [swift_sft, swift_rlhf]
+    for name, expected in OVERRIDDEN_HOOKS.items():
+        for owner in owners[name]:
+            assert parameters(getattr(owner, name)) == expected, f"{owner.__name__}.{name}"
+    from transformers import Trainer
+
+    assert parameters(Trainer._get_train_sampler) == OVERRIDDEN_HOOKS["_get_train_sampler"]
+
+
+def test_anchorkd_overrides_only_the_listed_hooks_and_with_their_parameters():
+    overridden = set()
+    for cls in anchorkd_subclasses():
+        own = [c for c in cls.__mro__ if c.__module__.startswith("anchorkd")]  # the class and its mixins
+        for name, member in ((n, m) for c in own for n, m in c.__dict__.items()):
+            if not callable(member) or name.startswith("__"):
+                continue
+            foreign = [base for base in foreign_bases(cls) if name in base.__dict__]
+            if not foreign or not (name.startswith("_") or name in OVERRIDDEN_HOOKS):
+                continue  # anchorkd's own method, or a public one of the foreign class
+            assert name in OVERRIDDEN_HOOKS, (
+                f"{cls.__name__}.{name} overrides {foreign[0].__name__}'s: list it"
+            )
+            assert parameters(member) == OVERRIDDEN_HOOKS[name], f"{cls.__name__}.{name}"
+            overridden.add(name)
+    assert overridden == set(OVERRIDDEN_HOOKS)  # the list holds no hook anchorkd stopped overriding
+
+
+# --- transformers' accumulation knob -----------------------------------------------------------------------
+
+
+def test_hf_divides_by_accumulation_unless_the_trainer_says_its_loss_is_scaled():
+    from transformers import Trainer
+
+    assert Trainer.loss_is_scaled_for_ga is None  # a class attribute: HF decides unless told
+    step = source(Trainer.training_step)
+    assert "if self.loss_is_scaled_for_ga is not None:" in step
+    assert "loss = loss / self.current_gradient_accumulation_steps" in step
+    trainer = type("Trainer", (), {})()
+    seam.mark_loss_scaled_for_accumulation(trainer)
+    assert trainer.loss_is_scaled_for_ga is True
+
+
+# --- templates (text perplexity, evaluation provenance) ---------------------------------------------------
+
+
+def test_template_internals_text_perplexity_and_describe_use():
+    from swift.template import Template, TemplateMeta
+
+    assert parameters(Template.data_collator) == ("self", "batch", "padding_to")
+    assert parameters(Template.pre_forward_hook) == ("self", "model", "args", "kwargs")
+    assert "return args, kwargs" in source(Template.pre_forward_hook)
+    assert Template.use_model is False  # a class default; multimodal templates keep it
+    assert "self.mode = mode" in source(Template.set_mode)
+    assert "template_type" in seam.field_names(TemplateMeta)
+
+
+class StubTemplate:
+    use_model = True
+    model = None
+
+    def __init__(self) -> None:
+        self.mode = "transformers"
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+
+
+def test_training_encoding_restores_the_engines_mode_even_when_the_block_fails():
+    template, model = StubTemplate(), object()
+    with pytest.raises(RuntimeError), seam.training_encoding(template, model) as inside:
+        assert inside is template and template.mode == "train" and template.model is model
+        raise RuntimeError("a record that does not encode")
+    assert template.mode == "transformers"
+    template = StubTemplate()
+    template.use_model = False
+    with seam.training_encoding(template, model):
+        assert template.model is None
+
+
+# --- PEFT ------------------------------------------------------------------------------------------------
+
+
+def test_peft_base_layer_is_the_linear_a_lora_layer_wraps():
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 6)
+
+    model = Head()
+    original = model.lm_head
+    assert seam.peft_base_layer(original) is original  # no wrapper: the layer itself
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["lm_head"]), model)
+    assert model.lm_head is not original and seam.peft_base_layer(model.lm_head) is original
+
+
+# --- DeepSpeed ZeRO-3 (anchorkd.deepspeed_seam) -----------------------------------------------------------
+
+ZERO3_PROBE = """
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0",
+                  WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+import torch, deepspeed
+import deepspeed.comm.torch
+from anchorkd import deepspeed_seam as zero3
+
+# DeepSpeed's CPU shared-memory op: minutes of compiling on a fresh machine, and unused by one process.
+# (By sys.modules: the package attribute ``deepspeed.comm.torch`` is the torch module itself.)
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+deepspeed.init_distributed(dist_backend="gloo")
+with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
+    layer = torch.nn.Linear(4, 3)
+p = layer.weight
+seen = {"zero3": zero3.is_zero3_param(p), "plain": zero3.is_zero3_param(torch.nn.Parameter(torch.ones(2))),
+        "partitioned": [zero3.is_gathered(p), p.numel(), zero3.held_by_a_module(p)]}
+zero3.gather(p)
+seen["gathered"] = [zero3.is_gathered(p), list(p.shape)]
+zero3.release(p)
+seen["released"] = [zero3.is_gathered(p), p.numel()]
+with zero3.gathered_for_reading([p]):
+    seen["reading"] = [zero3.is_gathered(p), list(p.shape)]
+seen["after_reading"] = zero3.is_gathered(p)
+p.ds_active_sub_modules.add(7)  # what ZeRO-3's coordinator does while a module uses the parameter
+seen["held"] = zero3.held_by_a_module(p)
+print("ZERO3 " + json.dumps(seen))
+"""
+
+
+def test_zero3_parameter_internals_behave_as_the_deepspeed_seam_uses_them(tmp_path):
+    """A real ZeRO-3 parameter (one process, gloo) through every function of ``deepspeed_seam``."""
+    pytest.importorskip("deepspeed")
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "zero3_probe.py"
+    script.write_text(ZERO3_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=600, env=env
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ZERO3 ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    seen = json.loads(lines[-1].removeprefix("ZERO3 "))
+    assert seen == {
+        "zero3": True,
+        "plain": False,
+        "partitioned": [False, 0, False],
+        "gathered": [True, [3, 4]],
+        "released": [False, 0],
+        "reading": [True, [3, 4]],
+        "after_reading": False,
+        "held": True,
+    }
+
+
+def test_zero3_releases_a_parameter_only_when_no_module_holds_it():
+    """``sharding`` re-partitions a parameter it gathered itself only when ``ds_active_sub_modules`` is empty:
+    ZeRO-3's coordinator adds a module while it uses the parameter and releases the parameter with it."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    assert {"AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"} <= {status.name for status in ZeroParamStatus}
+    convert = source(partition_parameters.Init._convert_to_deepspeed_param)
+    assert "param.ds_active_sub_modules = set()" in convert
+    assert "def partition(param_list=None, hierarchy=0, has_been_updated=False" in convert
+    assert "param.partition = partition" in convert and "param.all_gather = all_gather" in convert
+    coordinator = source(partitioned_param_coordinator)
+    assert "param.ds_active_sub_modules.add(" in coordinator
+    assert "param.ds_active_sub_modules.discard(" in coordinator

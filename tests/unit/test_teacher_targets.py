@@ -19,6 +19,7 @@ import yaml
 from anchorkd import swift_seam
 from anchorkd.cli import EXIT_BAD_INPUT, main
 from anchorkd.config import ConfigLoader, DataError
+from anchorkd.errors import ConfigError
 from anchorkd.eval.generate import Response
 from anchorkd.io import iter_jsonl
 from anchorkd.trainers import teacher_targets as tt
@@ -341,12 +342,42 @@ def test_cache_dir_from_the_config(tmp_path, config_dict, fake):
 
 def test_other_ranks_wait_for_the_writers_files(tmp_path, config_dict, fake):
     config = resolve(tmp_path, config_dict)
-    waited: list[list[Path]] = []
-    reader = tt.with_teacher_targets(config, writer=False, wait=lambda paths: waited.append(list(paths)))
+    waited: list[tuple[list[Path], Path]] = []
+    reader = tt.with_teacher_targets(
+        config, writer=False, wait=lambda paths, heartbeat: waited.append((list(paths), heartbeat))
+    )
     assert fake.loads == [] and fake.generated == 0  # only the writer generates
     writer = tt.with_teacher_targets(config, writer=True)
     assert reader.sections["data"]["dataset"] == writer.sections["data"]["dataset"]
-    assert waited == [[Path(p) for p in writer.sections["data"]["dataset"]]]
+    job = tt.TargetJob.from_config(config)
+    assert waited == [([Path(p) for p in writer.sections["data"]["dataset"]], tt.heartbeat_path(job))]
+    # The writer's heartbeat lives in the cache while it works, and is gone once the files are written.
+    assert tt.heartbeat_path(job).parent == job.cache_dir / tt.WRITERS_DIR
+    assert not tt.heartbeat_path(job).exists()
+
+
+def test_the_writer_beats_while_it_generates(tmp_path, config_dict, fake, monkeypatch):
+    config = resolve(tmp_path, config_dict)
+    heartbeat = tt.heartbeat_path(tt.TargetJob.from_config(config))
+    seen = []
+    answer = fake.generate_responses
+
+    def generate_and_look(loaded, batch, request_config):
+        seen.append(json.loads(heartbeat.read_text()))
+        return answer(loaded, batch, request_config)
+
+    monkeypatch.setattr(tt, "generate_responses", generate_and_look)
+    tt.with_teacher_targets(config, writer=True)
+    assert seen and seen[0]["writes"] == "the teacher's answers" and seen[0]["beat"] >= 1
+    assert not heartbeat.exists()
+
+
+def test_a_bad_wait_limit_is_refused_before_the_teacher_loads(tmp_path, config_dict, fake, monkeypatch):
+    monkeypatch.setenv("ANCHORKD_WRITER_SILENCE_S", "0")
+    config = resolve(tmp_path, config_dict)
+    with pytest.raises(ConfigError, match="ANCHORKD_WRITER_SILENCE_S: must be a number of seconds above 0"):
+        tt.with_teacher_targets(config, writer=True)
+    assert fake.loads == []
 
 
 def test_wait_for_files_returns_once_the_files_exist(tmp_path):
@@ -360,7 +391,7 @@ def test_wait_for_files_returns_once_the_files_exist(tmp_path):
     thread = threading.Thread(target=write_later)
     started = time.monotonic()
     thread.start()
-    tt.wait_for_files(paths, poll_s=0.02)
+    tt.wait_for_files(paths, poll_s=0.02)  # no heartbeat to read: only the limits end it
     thread.join()
     assert paths[1].is_file() and time.monotonic() - started >= 0.3
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from anchorkd import swift_seam as seam
 from anchorkd.data.validate import read_jsonl_records
 from anchorkd.errors import ConfigError, DataError
 from anchorkd.eval.model import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
@@ -57,16 +58,11 @@ def _batch_token_nll(loaded: LoadedModel, encoded: Sequence[dict[str, Any]]) -> 
     """Summed NLL and token count of the assistant tokens of each encoded record of one batch."""
     import torch
     import torch.nn.functional as F
-    from swift.utils import to_device
 
     engine = loaded.engine
-    model, template = engine.model, engine.template
-    batch = template.data_collator(list(encoded))
-    labels = batch.pop("labels")
-    batch.pop("loss_scale", None)
-    batch = to_device(batch, model.device)
-    # The same hook that turns input ids (and pixels) into the model's inputs during training.
-    _, inputs = template.pre_forward_hook(model, None, batch)
+    model = engine.model
+    # The same collator and hook that turn encoded rows into the model's inputs during training.
+    inputs, labels = seam.model_inputs(engine.template, model, encoded)
     logits = model(**inputs).logits
     # Token t is predicted from positions < t: compare logits[:, t - 1] with labels[:, t].
     targets = labels[:, 1:].to(logits.device)
@@ -105,13 +101,9 @@ def text_perplexity(
     import torch
 
     engine = loaded.engine
-    template = engine.template
-    previous_mode = template.mode
-    if template.use_model:
-        template.model = engine.model
-    template.set_mode("train")  # training-mode encoding: labels on the assistant tokens only
     per_sample = []
-    try:
+    # Training-mode encoding: labels on the assistant tokens only.
+    with seam.training_encoding(engine.template, engine.model) as template:
         encoded = [_encode(template, record, path, line_no) for line_no, record in records]
         with torch.inference_mode():
             for start in range(0, len(encoded), batch_size):
@@ -121,8 +113,6 @@ def text_perplexity(
                 ):
                     record_id = (record.get("meta") or {}).get("id", f"{path.stem}:{line_no}")
                     per_sample.append({"id": record_id, "tokens": int(count), "nll_sum": nll_sum})
-    finally:
-        template.set_mode(previous_mode)
 
     total_tokens = sum(s["tokens"] for s in per_sample)
     mean_nll = sum(s["nll_sum"] for s in per_sample) / total_tokens

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from .. import swift_seam as seam
 from ..errors import ConfigError
 
 STUDENT = "student"
@@ -50,8 +51,8 @@ def find_lm_head(model: nn.Module) -> nn.Module:
 
 def lm_head_weight(head: nn.Module, use_base: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's weight and bias; ``use_base`` reads through a PEFT wrapper to the frozen base."""
-    if use_base and hasattr(head, "base_layer"):
-        head = head.base_layer
+    if use_base:
+        head = seam.peft_base_layer(head)
     return head.weight, getattr(head, "bias", None)
 
 

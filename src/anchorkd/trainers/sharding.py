@@ -19,6 +19,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .. import deepspeed_seam as zero3
+from .. import swift_seam as seam
+from ..waits import collective_limit_s, wait_for_collective
+
 
 def launch_rank() -> int:
     """This process's global rank from the launcher's environment (0 outside torchrun).
@@ -48,8 +52,23 @@ def global_window_tokens(counts: Sequence[int], device: torch.device | str = "cp
     if torch.distributed.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     totals = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(totals)
+    bounded_all_reduce(totals, "the accumulation window's token counts")
     return [int(t) for t in totals.tolist()]
+
+
+def bounded_all_reduce(tensor: torch.Tensor, what: str) -> None:
+    """Sum ``tensor`` over all ranks in place, waiting at most ``ANCHORKD_COLLECTIVE_LIMIT_S`` for the others.
+
+    The process group's own timeout does not bound it: ms-swift's ``ddp_timeout`` default is 18000000 s
+    (208 days). On running out, the error names ``what`` was summed and where the ranks' output is.
+    """
+    limit = collective_limit_s()
+    work = torch.distributed.all_reduce(tensor, async_op=True)
+    wait_for_collective(
+        work,
+        what=f"{what} (an all-reduce over {torch.distributed.get_world_size()} ranks)",
+        limit_s=limit,
+    )
 
 
 def release_process_group() -> bool:
@@ -75,10 +94,6 @@ def ddp_loss_scale() -> int:
 # --- sharded parameters --------------------------------------------------------------------------------
 
 
-def _is_zero3_param(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
-
-
 def _is_dtensor(param: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -89,7 +104,7 @@ def _is_dtensor(param: torch.Tensor) -> bool:
 
 def is_sharded(param: torch.Tensor | None) -> bool:
     """True when ``param`` holds only a shard outside its module's forward (ZeRO-3 or FSDP2)."""
-    return param is not None and (_is_zero3_param(param) or _is_dtensor(param))
+    return param is not None and (zero3.is_zero3_param(param) or _is_dtensor(param))
 
 
 class _Zero3Full(torch.autograd.Function):
@@ -118,14 +133,12 @@ _REGATHERED = "_anchorkd_regathered"
 
 
 def _gather_for_accumulation(param: torch.Tensor) -> None:
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if param.ds_status == ZeroParamStatus.AVAILABLE:  # the module's own backward has gathered it
+    if zero3.is_gathered(param):  # the module's own backward has gathered it
         return
     if not hasattr(param, _REGATHERED):
         param.register_post_accumulate_grad_hook(_partition_regathered)
     setattr(param, _REGATHERED, True)
-    param.all_gather()
+    zero3.gather(param)
 
 
 def _partition_regathered(param: torch.Tensor) -> None:
@@ -133,8 +146,8 @@ def _partition_regathered(param: torch.Tensor) -> None:
         setattr(param, _REGATHERED, False)
         # A module that also uses the parameter (an input embedding tied to the head) may still hold it for
         # its backward; ZeRO-3 releases it with that module then.
-        if not param.ds_active_sub_modules:
-            param.partition(has_been_updated=False)
+        if not zero3.held_by_a_module(param):
+            zero3.release(param)
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -146,7 +159,7 @@ def _full(param: torch.Tensor) -> torch.Tensor:
         # a mean over ranks, the way FSDP2 reduces every other gradient.
         placements = [Partial("avg")] * param.device_mesh.ndim
         return param.full_tensor(grad_placements=placements)
-    if _is_zero3_param(param):
+    if zero3.is_zero3_param(param):
         return _Zero3Full.apply(param) if param.requires_grad else param.detach().clone()
     return param
 
@@ -162,12 +175,10 @@ def gathered_params(params: Sequence[torch.Tensor | None]) -> Iterator[list[torc
     - FSDP2 (DTensor): ``full_tensor()``, a differentiable all-gather whose backward reduce-scatters the
       gradient into the shard.
     """
-    zero3 = [p for p in params if p is not None and _is_zero3_param(p)]
+    zero3_params = [p for p in params if p is not None and zero3.is_zero3_param(p)]
     with contextlib.ExitStack() as stack:
-        if zero3:
-            import deepspeed
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        if zero3_params:
+            stack.enter_context(zero3.gathered_for_reading(zero3_params))
         by_id: dict[int, torch.Tensor] = {}  # one copy when student and teacher share the head
         for p in params:
             if p is not None and id(p) not in by_id:
@@ -179,7 +190,7 @@ def gathered_params(params: Sequence[torch.Tensor | None]) -> Iterator[list[torc
 
 def lm_head_params(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) parameters of an LM head (a Linear, or a PEFT wrapper around one, whose base is read)."""
-    base = getattr(head, "base_layer", head)
+    base = seam.peft_base_layer(head)
     return base.weight, getattr(base, "bias", None)
 
 

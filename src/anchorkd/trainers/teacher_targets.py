@@ -23,8 +23,9 @@ share prompts::
 ``<key>`` is the SHA-256 of the prompt's messages, its images' SHA-256, the teacher's fingerprint and the
 generation settings; ``<id>`` covers the source file's SHA-256, the fingerprint and the settings. Every
 file is written atomically, so a file that exists is complete. Under torchrun rank 0 generates and the
-other ranks wait for the data files (the process group does not exist yet; torchrun stops them if rank 0
-fails).
+other ranks wait for the data files (the process group does not exist yet), as long as rank 0's heartbeat
+(``writers/<id>.json``, rewritten every few seconds while it works) shows it alive, and within the limits
+of :mod:`anchorkd.waits` (``ANCHORKD_WRITER_SILENCE_S``, ``ANCHORKD_WAIT_LIMIT_S``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from ..errors import DataError
 from ..eval.generate import EvalSample, decoding_config, generate_responses, sample_from_record
 from ..eval.model import DEFAULT_MODEL_TYPE, TORCH_DTYPES, PromptSettings, load_model
 from ..io import atomic_write_json, iter_jsonl, read_json_object, sha256_bytes, sha256_file, write_jsonl
+from ..waits import WriterHeartbeat, check_limits
+from ..waits import wait_for_files as wait_for_writer
 
 logger = logging.getLogger("anchorkd")
 
@@ -51,6 +54,7 @@ PROVENANCE_KEY = "teacher_target"
 ROWS_DIR = "rows"
 DATASETS_DIR = "datasets"
 DIGESTS_FILE = "file_digests.json"
+WRITERS_DIR = "writers"
 # Bumped when the key or the row format changes, so old cache entries are never read as new ones.
 CACHE_VERSION = 1
 # Files of a checkpoint or adapter folder that decide what it generates: weights, configs, tokenizer,
@@ -58,8 +62,11 @@ CACHE_VERSION = 1
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
 # Row keys whose content the teacher's prompt would need but that generation here does not pass on.
 UNSUPPORTED_ROW_KEYS = ("videos", "audios", "tools", "objects")
-_WAIT_POLL_S = 2.0
-_WAIT_LOG_S = 60.0
+AWAITED = "rank 0's teacher answers"
+_WAIT_HINT = (
+    "The answers finished so far stay in the cache (custom.teacher_targets.cache_dir): a new run goes on from "
+    "them, and `anchorkd teacher-targets` makes a seq_kd run's answers in one process beforehand."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,23 +434,28 @@ def _log_stats(stats: TargetStats, job: TargetJob) -> None:
         )
 
 
-def wait_for_files(
-    paths: Sequence[Path], *, poll_s: float = _WAIT_POLL_S, log_s: float = _WAIT_LOG_S
-) -> None:
-    """Block until every path exists (written atomically by rank 0, so existing means complete)."""
-    started = last_log = time.monotonic()
-    while not all(path.is_file() for path in paths):
-        now = time.monotonic()
-        if now - last_log >= log_s:
-            logger.info(
-                "waiting %.0f s for rank 0's teacher targets: %s", now - started, [str(p) for p in paths]
-            )
-            last_log = now
-        time.sleep(poll_s)
+def heartbeat_path(job: TargetJob) -> Path:
+    """Where the writer of ``job`` shows that it is alive: known to every rank before the teacher's files are
+    fingerprinted (which takes a while on the first run), so the writer beats through that too."""
+    identity = {
+        "version": CACHE_VERSION,
+        "sources": [str(source) for source in job.sources],
+        "teacher": [str(job.teacher.model), str(job.teacher.adapter)],
+        "settings": job.settings.describe(job.teacher),
+        "keep_answers": job.keep_answers,
+    }
+    return job.cache_dir / WRITERS_DIR / f"{sha256_bytes(_canonical(identity))[:16]}.json"
+
+
+def wait_for_files(paths: Sequence[Path], heartbeat: Path | None = None, **limits: float) -> None:
+    """Block until rank 0 has written every path (atomically, so existing means complete); raises
+    :class:`anchorkd.waits.WaitLimitExceeded`, naming the files and rank 0's log, when rank 0 stops beating
+    ``heartbeat`` or the wait runs past its limit (``limits``: ``poll_s``, ``limit_s``, ``silence_s``)."""
+    wait_for_writer(paths, what=AWAITED, heartbeat=heartbeat, hint=_WAIT_HINT, **limits)
 
 
 def with_teacher_targets(
-    config: ResolvedConfig, *, writer: bool, wait: Callable[[Sequence[Path]], None] = wait_for_files
+    config: ResolvedConfig, *, writer: bool, wait: Callable[[Sequence[Path], Path], None] = wait_for_files
 ) -> ResolvedConfig:
     """``config`` training on the teacher's answers instead of its data set's (``seq_kd``), and with anchor
     prompts that all have an answer (``custom.anchor``: rows without one get the teacher's); unchanged
@@ -452,6 +464,7 @@ def with_teacher_targets(
     The writer rank makes (or reuses) the files; every other rank waits for the same content-addressed
     paths, which it computes itself (the fingerprint memo makes that cheap after the first run).
     """
+    check_limits()  # a bad wait limit is refused on every rank before anything loads
     if config.seq_kd:
         files = _target_files(TargetJob.from_config(config), writer, wait)
         data = {**config.sections["data"], "dataset": [str(path) for path in files]}
@@ -467,13 +480,15 @@ def with_teacher_targets(
     return config
 
 
-def _target_files(job: TargetJob, writer: bool, wait: Callable[[Sequence[Path]], None]) -> list[Path]:
+def _target_files(job: TargetJob, writer: bool, wait: Callable[[Sequence[Path], Path], None]) -> list[Path]:
+    heartbeat = heartbeat_path(job)
     if writer:
-        destinations, _ = write_teacher_targets(job)
+        with WriterHeartbeat(heartbeat, "the teacher's answers"):
+            destinations, _ = write_teacher_targets(job)
         return [destinations[source] for source in job.sources]
     fingerprint = teacher_fingerprint(job.teacher, job.cache_dir)
     files = [target_file(job, source, fingerprint) for source in job.sources]
-    wait(files)
+    wait(files, heartbeat)
     return files
 
 
