@@ -18,6 +18,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_data_rules_match_ms_swift import swift_encode
+
+from anchorkd.config import DataError
+from anchorkd.data.media import MediaFieldError, row_media
+from anchorkd.data.validate import check_record
 
 pytestmark = pytest.mark.integration
 
@@ -77,3 +82,96 @@ def test_train_refuses_a_data_set_with_a_corrupt_image_before_writing(demo_workd
         "media-verified.txt",
         "train.jsonl",
     ]
+
+
+# --- the content rule against ms-swift itself -----------------------------------------------------------------
+
+TOOL_CALL = '{"name": "f", "arguments": {}}'
+
+
+@pytest.fixture(scope="module")
+def template(tiny_model_dir):
+    """ms-swift's processor and qwen3_vl template for the tiny checkpoint (no model weights)."""
+    from swift.model import get_processor
+    from swift.template import get_template
+
+    processor = get_processor(str(tiny_model_dir), model_type="qwen3_vl", download_model=False)
+    template = get_template(processor)
+    template.set_mode("train")
+    return template
+
+
+def row(content, role: str = "user") -> dict:
+    if role == "user":
+        return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "A"}]}
+    return {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": content}]}
+
+
+def ours_refuses(record: dict) -> bool:
+    """The row checks of ``validate_data_file`` that need no file: its shape and its media fields."""
+    try:
+        check_record(record, Path("d.jsonl"), 1)
+        row_media(record)
+    except (DataError, MediaFieldError):
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        row(3),
+        row(True),
+        row({"text": "Q"}),
+        row([1, 2]),
+        row(5, role="assistant"),
+        row([{"type": "text", "text": 5}]),
+        row([{"type": "text"}]),
+        row([{"text": "Q"}]),
+    ],
+)
+def test_content_our_rule_refuses_fails_in_ms_swift(template, record):
+    assert ours_refuses(record)
+    with pytest.raises((TypeError, AttributeError, KeyError)):
+        swift_encode(template, record)
+
+
+@pytest.mark.parametrize(
+    ("record", "literal"),
+    [
+        (row([{"type": "input_text", "text": "Q"}]), "<input_text>"),
+        (row([{"type": "image"}, {"type": "text", "text": "Q"}]), "<image>"),
+    ],
+)
+def test_blocks_our_rule_refuses_become_literal_text_in_ms_swift(template, record, literal):
+    """ms-swift encodes these rows without a word, with the tag as plain text where the block was."""
+    assert ours_refuses(record)
+    text = template.tokenizer.decode(swift_encode(template, record)["input_ids"])
+    assert f"user\n{literal}" in text
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        row([]),
+        row([{"type": "text", "text": "Q"}]),
+        {
+            "messages": [
+                {"role": "user", "content": "Q"},
+                {"role": "tool_call", "content": {"name": "f", "arguments": {}}},
+                {"role": "tool", "content": {"rows": [1, 2]}},
+                {"role": "assistant", "content": "A"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Q"},
+                {"role": "tool_call", "content": TOOL_CALL},
+                {"role": "tool", "content": 42},
+            ]
+        },
+    ],
+)
+def test_content_our_rule_accepts_is_encoded_by_ms_swift(template, record):
+    assert not ours_refuses(record)
+    assert len(swift_encode(template, record)["input_ids"]) > 0

@@ -145,12 +145,12 @@ def test_media_fields_of_the_wrong_type_are_named(fields, message):
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        ({"type": "image"}, "messages[0].content[0] is an image block without its 'image' value"),
+        ({"type": "image"}, "messages[0].content[0]: a block of type 'image' without its 'image' value"),
         (
             {"type": "image", "image": ""},
-            "messages[0].content[0] is an image block without its 'image' value",
+            "messages[0].content[0]: a block of type 'image' without its 'image' value",
         ),
-        ({"type": "image_url", "image_url": {"link": "x"}}, "image_url block whose object has no 'url'"),
+        ({"type": "image_url", "image_url": {"link": "x"}}, "the 'image_url' block's object has no 'url'"),
         ({"type": "image", "image": 4}, "messages[0].content[0] must be the path or URL of the image, got 4"),
     ],
 )

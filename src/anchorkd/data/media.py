@@ -115,12 +115,12 @@ def _block_media(block: dict, field: str) -> list[MediaRef]:
     value = block.get(block["type"])
     if isinstance(value, dict):
         if "url" not in value:
-            raise MediaFieldError(f"{field} is an {block['type']} block whose object has no 'url'")
+            raise MediaFieldError(f"{field}: the {block['type']!r} block's object has no 'url'")
         value = value["url"]
     if value is None or value == "":
         raise MediaFieldError(
-            f"{field} is an {block['type']} block without its '{block['type']}' value (ms-swift would "
-            f"put an <{kind}> tag in the text with no {kind} for it)"
+            f"{field}: a block of type {block['type']!r} without its {block['type']!r} value (ms-swift would "
+            f"train on the literal text <{kind}> in its place)"
         )
     if kind == VIDEO:
         return _video_entry(value, field)

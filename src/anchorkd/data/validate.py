@@ -417,7 +417,8 @@ def check_contents(messages: list[dict], path: Path, line_no: int) -> None:
             if block["type"] not in media.CONTENT_BLOCK_TYPES:
                 raise DataError(
                     str(path),
-                    f"{where} has type {block['type']!r}, which ms-swift does not read; accepted: "
+                    f"{where} has type {block['type']!r}, which ms-swift does not read (it would train on the "
+                    f"literal text <{block['type']}> in the block's place); accepted: "
                     f"{', '.join(media.CONTENT_BLOCK_TYPES)}",
                     line_no,
                 )
