@@ -313,3 +313,84 @@ def with_resume(config: Any) -> Any:
     else:
         training.update(plan.swift_overrides())
     return dataclasses.replace(config, sections={**config.sections, "training": training})
+
+
+# --- what a checkpoint folder records, without reading weights ----------------------------------------
+
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+SWIFT_ARGS_FILE = "args.json"  # ms-swift's record of a run's arguments, in the run folder and each checkpoint
+# A safetensors file starts with the byte length of its JSON header (8 bytes, little-endian), then the header.
+_HEADER_LENGTH_BYTES = 8
+_MAX_HEADER_BYTES = 100_000_000  # the format's own limit
+
+
+def safetensors_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets; ``__metadata__``).
+
+    Reads only the header bytes. Raises ValueError naming ``path`` when the file is not safetensors."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(_HEADER_LENGTH_BYTES), "little")
+            if not 0 < length <= min(_MAX_HEADER_BYTES, path.stat().st_size - _HEADER_LENGTH_BYTES):
+                raise ValueError(f"{path}: not a safetensors file (header length {length})")
+            header = json.loads(handle.read(length))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return header
+
+
+def safetensors_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """Tensor name -> shape for a model folder's weights: the shards its index names, else every
+    ``*.safetensors`` file but a PEFT adapter's. Headers only; empty when the folder has no safetensors.
+    Raises ValueError naming the file that is unreadable."""
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (no weight_map of tensor -> file)") from None
+    else:
+        files = [p.name for p in sorted(folder.glob("*.safetensors")) if p.name != ADAPTER_WEIGHTS_FILE]
+    shapes: dict[str, list[int]] = {}
+    for name in files:
+        for tensor, entry in safetensors_header(folder / name).items():
+            if tensor != "__metadata__" and isinstance(entry, dict):
+                shapes[tensor] = list(entry.get("shape", []))
+    return shapes
+
+
+@dataclass(frozen=True)
+class RecordedTraining:
+    """What a checkpoint's own files say it was trained with: ms-swift's ``args.json`` (the checkpoint's, else
+    its run folder's) and PEFT's ``adapter_config.json`` (LoRA checkpoints). Empty dicts where a file is absent."""
+
+    swift_args: dict[str, Any]
+    swift_args_file: Path | None
+    adapter_config: dict[str, Any]
+    adapter_config_file: Path | None
+
+
+def recorded_training(checkpoint: str | Path) -> RecordedTraining:
+    """Read :class:`RecordedTraining` for ``checkpoint``; DataError naming the file when one is not JSON."""
+    from .io import read_json_object
+
+    checkpoint = Path(checkpoint)
+    args_file = next(
+        (p for p in (checkpoint / SWIFT_ARGS_FILE, checkpoint.parent / SWIFT_ARGS_FILE) if p.is_file()), None
+    )
+    adapter_file = checkpoint / ADAPTER_CONFIG_FILE
+    adapter_file = adapter_file if adapter_file.is_file() else None
+    return RecordedTraining(
+        read_json_object(args_file) if args_file else {},
+        args_file,
+        read_json_object(adapter_file) if adapter_file else {},
+        adapter_file,
+    )

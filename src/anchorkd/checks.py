@@ -2,6 +2,7 @@
 
 ``anchorkd validate``, ``anchorkd check`` and the start of ``anchorkd train`` all call ``check_run``:
 1. the config: keys, types, every rule of ``anchorkd.config.rules``, checkpoints (``ConfigLoader``);
+   what the checkpoints' own files tell: LoRA targets, model type, resume settings (``anchorkd.checkpoint_rules``);
 2. the data: every line of every local data file, anchor prompts included (``anchorkd.data.validate``);
 3. for runs with a teacher: teacher / student compatibility (``anchorkd.trainers.preflight``).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from .checkpoint_rules import check_checkpoint_rules
 from .config import ConfigLoader, ResolvedConfig
 
 
@@ -47,6 +49,7 @@ def check_data(config: ResolvedConfig) -> None:
 def check_run(path: str | Path, overrides: Iterable[str] = (), *, teacher: bool = True) -> ResolvedConfig:
     """Resolve ``path`` and run every check; raises ConfigError / DataError naming the key or file:line."""
     config = ConfigLoader.resolve(path, overrides)
+    check_checkpoint_rules(config)  # LoRA targets, model type, resume settings: the checkpoints' own files
     check_data(config)
     if teacher and config.mode == "gkd":
         from .trainers.preflight import run_preflight

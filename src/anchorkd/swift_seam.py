@@ -114,6 +114,35 @@ def torchrun_args() -> list[str] | None:
     return get_torchrun_args()
 
 
+# --- the model registry ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredModelType:
+    """One ``model_type`` of ms-swift's registry: the HF architectures (config.json ``architectures[0]``) it
+    loads (empty: any, as ms-swift's own matching treats it) and whether ms-swift treats it as multimodal."""
+
+    name: str
+    architectures: tuple[str, ...]
+    multimodal: bool
+
+
+@functools.lru_cache(maxsize=1)
+def registered_model_types() -> dict[str, RegisteredModelType]:
+    """ms-swift's ``MODEL_MAPPING`` (model_type -> ``ModelMeta``), read without calling its matcher (which
+    appends ``'null'`` to architecture lists in place)."""
+    from swift.model import MODEL_MAPPING
+
+    return {
+        name: RegisteredModelType(
+            name,
+            tuple(arch for arch in meta.architectures if arch != "null"),
+            bool(meta.is_multimodal),
+        )
+        for name, meta in MODEL_MAPPING.items()
+    }
+
+
 # --- the GKD trainer ---------------------------------------------------------------------------------------
 
 # Keys of the per-micro-batch dicts that ms-swift's GKDTrainer._prepare_inputs builds.

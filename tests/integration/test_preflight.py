@@ -184,3 +184,85 @@ def test_run_training_fails_before_loading_weights(env, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="chat template differs"):
         pipeline_module.run_training(h.STAGE2_GKD_DEMO, overrides)
     assert not (env.work / "preflight-run").exists()
+
+
+# --- what the checkpoints' own files tell (anchorkd.checkpoint_rules) ------------------------------------
+
+SFT_DEMO = h.CONFIGS_DIR / "demo" / "stage_2_llm_lora.yaml"
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under ``folder`` (links not followed): size and modification time in nanoseconds."""
+    return {
+        str(path.relative_to(folder)): (path.lstat().st_size, path.lstat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def no_model_loading(monkeypatch):
+    """From here on, building ms-swift's pipeline (which loads the model) fails the test."""
+    import anchorkd.trainers.pipeline as pipeline_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("no model may be loaded when a checkpoint rule refuses the run")
+
+    monkeypatch.setattr(pipeline_module, "build_pipeline", no_loading)
+    return pipeline_module
+
+
+CHECKPOINT_CASES = {
+    # a target that names no module of the tiny Qwen3-VL, next to one that does
+    "target-modules": (
+        ("tuner.target_modules=[q_proj, qproj]",),
+        "tuner.target_modules[1]",
+        "'qproj' matches no",
+    ),
+    # Qwen2-VL's type on a Qwen3-VL checkpoint
+    "model-type": (("model.model_type=qwen2_vl",), "model.model_type", "'qwen2_vl' does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_train_refuses_what_the_checkpoint_files_tell_before_loading(env, monkeypatch, capsys, case):
+    extra, key, expected = CHECKPOINT_CASES[case]
+    pipeline_module = no_model_loading(monkeypatch)
+    overrides = env.overrides(f"checkpoint-rule-{case}", extra=extra)
+    with pytest.raises(ConfigError) as error:
+        pipeline_module.run_training(SFT_DEMO, overrides)
+    assert error.value.key_path == key and expected in error.value.rule
+    assert main(["train", "--config", str(SFT_DEMO), *overrides]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"anchorkd: error: {key}: {expected}" in err and "Traceback" not in err
+    assert not (env.work / f"checkpoint-rule-{case}").exists()
+
+
+def test_resume_under_another_lora_rank_is_refused_and_the_run_folder_is_left_alone(env, monkeypatch, capsys):
+    """A real 2-step run at rank 4, then ``train ... tuner.lora_rank=8 resume_from_checkpoint=auto``: refused
+    naming rank 4 against 8 before anything loads, every file of the run folder as it was."""
+    name = "resume-other-rank"
+    trained = h.run_training(SFT_DEMO, env.overrides(name, steps=2, batch=2, extra=("tuner.lora_rank=4",)))
+    run_dir = Path(trained["output_dir"])
+    checkpoint = run_dir / "checkpoint-2"
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["r"] == 4
+    before = folder_state(run_dir)
+    no_model_loading(monkeypatch)
+    capsys.readouterr()  # the training's own output
+    resume = env.overrides(
+        name, steps=4, batch=2, extra=("tuner.lora_rank=8", "training.resume_from_checkpoint=auto")
+    )
+    for command in ("validate", "check", "train"):
+        config_flag = ["--config"] if command == "train" else []
+        assert main([command, *config_flag, str(SFT_DEMO), *resume]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert (
+            f"anchorkd: error: tuner.lora_rank: 8 here, but the checkpoint {checkpoint.resolve()} was trained with 4 "
+            "(adapter_config.json)"
+        ) in err
+        assert "Traceback" not in err
+        assert folder_state(run_dir) == before
+    # The same resume at the checkpoint's rank passes the checks.
+    same = env.overrides(
+        name, steps=4, batch=2, extra=("tuner.lora_rank=4", "training.resume_from_checkpoint=auto")
+    )
+    assert main(["validate", str(SFT_DEMO), *same]) == 0
+    assert folder_state(run_dir) == before

@@ -155,6 +155,22 @@ def test_torchrun_args_need_nproc_per_node(monkeypatch):
     assert args is not None and "--nproc_per_node" in args and "2" in args
 
 
+def test_model_registry_maps_model_types_to_architectures():
+    """``checkpoint_rules`` reads ms-swift's MODEL_MAPPING: each ModelMeta's ``architectures`` (what ms-swift
+    matches config.json's ``architectures[0]`` against) and ``is_multimodal`` (what all-linear depends on)."""
+    from swift.model import MODEL_MAPPING
+    from swift.model.model_meta import ModelMeta, _get_model_info, get_matched_model_types
+
+    assert isinstance(MODEL_MAPPING["qwen3_vl"], ModelMeta)
+    assert "get_matched_model_types(architectures)" in source(_get_model_info)
+    registry = seam.registered_model_types()
+    qwen3_vl = "Qwen3VLForConditionalGeneration"
+    assert registry["qwen3_vl"] == seam.RegisteredModelType("qwen3_vl", (qwen3_vl,), True)
+    assert registry["qwen3"].architectures == ("Qwen3ForCausalLM",) and not registry["qwen3"].multimodal
+    fitting = {name for name, entry in registry.items() if qwen3_vl in entry.architectures}
+    assert fitting == set(get_matched_model_types([qwen3_vl]))
+
+
 def test_inference_engines_take_the_arguments_load_model_passes():
     from swift.infer_engine import TransformersEngine
 

@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..io import sha256_bytes
+from ..checkpoints import safetensors_shapes
+from ..errors import AnchorKDError, ConfigError
+from ..io import read_json_object, sha256_bytes
 
 IMAGE_PROCESSOR_KEYS = (
     "size",
@@ -119,10 +120,10 @@ def vocab_shapes(checkpoint: str | Path) -> VocabShapes:
     (tensor shapes only; no weights are read)."""
     folder = Path(checkpoint)
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json_object(config_path) if config_path.is_file() else {}
     text = config.get("text_config") or {}
     vocab_size = text.get("vocab_size", config.get("vocab_size"))
-    shapes = _safetensors_shapes(folder)
+    shapes = safetensors_shapes(folder)  # ValueError naming an unreadable file
     embedding = _rows(shapes, lambda name: name.endswith("embed_tokens.weight") and "visual" not in name)
     lm_head = _rows(shapes, lambda name: name.endswith("lm_head.weight"))
     if lm_head is None and shapes:
@@ -133,23 +134,6 @@ def vocab_shapes(checkpoint: str | Path) -> VocabShapes:
 def _rows(shapes: dict[str, list[int]], wanted) -> int | None:
     names = sorted(name for name in shapes if wanted(name))
     return shapes[names[0]][0] if names else None
-
-
-def _safetensors_shapes(folder: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape for every tensor of the checkpoint's safetensors files (headers only)."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [path.name for path in sorted(folder.glob("*.safetensors"))]
-    shapes = {}
-    for name in files:
-        with safe_open(str(folder / name), framework="numpy") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                shapes[key] = list(handle.get_slice(key).get_shape())
-    return shapes
 
 
 def fingerprint(checkpoint: str | Path) -> ProcessorFingerprint:
@@ -201,6 +185,15 @@ def teacher_base_path(config) -> str | None:
     return rlhf.get("teacher_model") or None
 
 
+def _vocab_shapes(key_path: str, checkpoint: str) -> VocabShapes:
+    try:
+        return vocab_shapes(checkpoint)
+    except AnchorKDError:  # config.json unreadable: the error names the file
+        raise
+    except ValueError as exc:  # a weights file whose header cannot be read
+        raise ConfigError(key_path, str(exc)) from None
+
+
 def run_preflight(config) -> list[str]:
     """Compare student and teacher; raise ConfigError naming every difference. Returns checks done."""
     student = config.sections["model"]["model"]
@@ -211,7 +204,8 @@ def run_preflight(config) -> list[str]:
         return ["teacher is the student's own base checkpoint: processors identical by construction"]
     if not (Path(student).is_dir() and Path(teacher).is_dir()):
         return ["hub checkpoints: compatibility not checked locally"]
-    differences = vocab_shapes(student).differences(vocab_shapes(teacher))
+    student_rows = _vocab_shapes("model.model", student)
+    differences = student_rows.differences(_vocab_shapes("rlhf.teacher_model", teacher))
     differences += fingerprint(student).differences(fingerprint(teacher))
     if differences:
         raise ConfigError(
