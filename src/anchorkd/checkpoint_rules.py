@@ -204,7 +204,7 @@ def _meta_model_tree(folder: Path) -> CheckpointModules | None:
     import transformers
 
     model_cls = getattr(transformers, architecture, None)
-    if model_cls is None:
+    if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):
         return None
     try:
         hf_config = transformers.AutoConfig.from_pretrained(str(folder))

@@ -15,8 +15,11 @@ itself); ``auto`` with none found starts a fresh run. A resume continues the run
 folder (never a new ``v<N>-<time>`` one): :func:`with_resume` rewrites the ``training`` section for
 ms-swift, and ``anchorkd.trainers.resume`` prepares the folder and the trainer.
 
-Reads files only; only the standard library, :mod:`anchorkd.errors` and the seam's constants are
-imported, so the config loader can call it.
+Below the resume: what a checkpoint folder records, read without its weights (safetensors headers, ms-swift's
+``args.json``, PEFT's ``adapter_config.json``), for ``anchorkd.checkpoint_rules``.
+
+Reads files only; only the standard library, :mod:`anchorkd.errors`, :mod:`anchorkd.io` and the seam's
+constants are imported, so the config loader can call it.
 """
 
 from __future__ import annotations
