@@ -149,6 +149,12 @@ def registered_model_types() -> dict[str, RegisteredModelType]:
 MODEL_INPUTS = "model_inputs"
 TEACHER_INPUTS = "teacher_model_inputs"
 GKD_BATCH = "gkd_batch"
+# Keys of ``MODEL_INPUTS`` that ms-swift's template collator writes for Qwen-VL (the model's forward arguments).
+LABELS = "labels"
+PIXEL_VALUES = "pixel_values"
+IMAGE_GRID_THW = "image_grid_thw"
+VIDEO_PIXEL_VALUES = "pixel_values_videos"
+VIDEO_GRID_THW = "video_grid_thw"
 
 
 def gkd_trainer_base() -> type:

@@ -1,17 +1,26 @@
 """Unit tests of the trainer's small helpers (no model, no ms-swift pipeline).
 
-Label shifting and token counting, the feature-capture hooks that file outputs under the active role, and
-reading the LM-head weight through a PEFT wrapper.
+Label shifting and token counting, the feature-capture hooks that file outputs under the active role,
+reading the LM-head weight through a PEFT wrapper, and the loss as named terms: ``compute_loss`` on a fake
+batch against the pure loss functions.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from swift.rlhf_trainers.gkd_loss import DataSource
 from torch import nn
 
+from anchorkd import swift_seam as seam
+from anchorkd.losses import generalized_jsd, masked_ce
+from anchorkd.losses.terms import LossTerm, LossTerms
+from anchorkd.losses.visual import visual_kd_loss
+from anchorkd.monitor.terms import METRIC_NAMES
+from anchorkd.trainers.anchor_mix import interleave
 from anchorkd.trainers.features import (
     STUDENT,
     TEACHER,
@@ -21,7 +30,17 @@ from anchorkd.trainers.features import (
     find_visual_module,
     lm_head_weight,
 )
-from anchorkd.trainers.gkd_monitor import shift_labels, supervised_tokens, visual_tokens
+from anchorkd.trainers.gkd_monitor import (
+    ANCHOR_ROWS,
+    WINDOW_ANCHOR_TOKENS,
+    WINDOW_TOKENS,
+    WINDOW_VISUAL_TOKENS,
+    GKDTrainerWithMetrics,
+    anchor_row_flags,
+    shift_labels,
+    supervised_tokens,
+    visual_tokens,
+)
 
 IGNORE = -100
 
@@ -205,3 +224,206 @@ def test_lm_head_weight_reads_through_a_peft_base_layer():
         assert not torch.allclose(head(x), nn.functional.linear(x, weight, bias))
         with peft_model.disable_adapter():
             assert torch.allclose(head(x), nn.functional.linear(x, weight, bias))
+
+
+# --- the loss as named terms ----------------------------------------------------------------------------------
+
+
+def test_loss_terms_add_the_terms_that_are_on_in_field_order():
+    ce = LossTerm(torch.tensor(1.5), 3.0, 4)
+    anchor = LossTerm(torch.tensor(0.25), None, 0)  # a micro-batch without anchor tokens logs nothing
+    terms = LossTerms(sft_loss=ce, anchor_kd_loss=anchor)
+    assert [name for name, _ in terms.present()] == ["sft_loss", "anchor_kd_loss"]
+    assert float(terms.total()) == 1.75
+    # the field names are the telemetry keys the monitor knows
+    assert set(LossTerms._fields) <= set(METRIC_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("domain_chunks", "anchors"), [([2, 2], 2), ([2, 2, 2], 2), ([1], 3), ([3, 1, 2], 5), ([2, 0], 1)]
+)
+def test_anchor_row_flags_read_the_layout_interleave_makes(domain_chunks, anchors):
+    chunks, flags = interleave([[f"d{i}"] * size for i, size in enumerate(domain_chunks)], ["a"] * anchors)
+    assert anchor_row_flags([len(chunk) for chunk in chunks], anchors) == flags
+    assert [[row == "a" for row in chunk] for chunk in chunks] == flags
+
+
+V, H, PATCH = 23, 8, 6
+GRID = torch.tensor([[1, 2, 2], [1, 2, 2]])  # one 4-patch image per row; merge size 1: 4 visual tokens each
+
+
+class _FakeVisual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.merger = nn.Linear(PATCH, H)
+        self.deepstack_merger_list = nn.ModuleList([nn.Linear(PATCH, H)])
+
+    def forward(self, pixel_values):
+        return self.merger(pixel_values), [merger(pixel_values) for merger in self.deepstack_merger_list]
+
+
+class _FakeVLBody(nn.Module):
+    """Shaped like Qwen3VLModel for the trainer's lookups: ``language_model`` and ``visual``, no LM head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.language_model = nn.Embedding(V, H)
+        self.visual = _FakeVisual()
+        self.mix = nn.Linear(H, H)
+
+    def get_image_features(self, pixel_values, image_grid_thw):
+        return self.visual(pixel_values)
+
+    def forward(self, input_ids, pixel_values, image_grid_thw, attention_mask=None):
+        merged, deepstack = self.visual(pixel_values)
+        per_row = (merged + deepstack[0]).reshape(input_ids.shape[0], -1, H).mean(1)
+        hidden = torch.tanh(self.mix(self.language_model(input_ids) + per_row[:, None]))
+        return SimpleNamespace(last_hidden_state=hidden)
+
+
+class _FakeVLModel(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = _FakeVLBody()
+        self.lm_head = nn.Linear(H, V)
+        self.config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=1))
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, logits_to_keep: int = 0, **inputs):
+        hidden = self.model(**inputs).last_hidden_state
+        return SimpleNamespace(logits=self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
+
+
+def _fake_trainer(impl: str) -> GKDTrainerWithMetrics:
+    """The trainer's own loss code around two fake VL models (student, separate teacher), without ms-swift's
+    set-up: the attributes ``compute_loss`` reads, then the trainer's own hooks."""
+    from anchorkd.config.schema import AnchorPromptsConfig, MonitorConfig, VisualKDConfig
+    from anchorkd.config.settings import AnchorSettings
+
+    trainer = GKDTrainerWithMetrics.__new__(GKDTrainerWithMetrics)
+    trainer.model, trainer.teacher_model = _FakeVLModel(seed=0), _FakeVLModel(seed=1).requires_grad_(False)
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda model: model, device=torch.device("cpu"))
+    trainer.args = SimpleNamespace(
+        sft_alpha=0.3, offload_teacher_model=False, gradient_checkpointing_kwargs=None
+    )
+    trainer.beta, trainer.temperature = 0.5, 0.9
+    trainer.state = SimpleNamespace(global_step=0)
+    trainer.anchor = AnchorSettings(
+        mode="gkd",
+        trainer_variant="gkd_monitor",
+        llm_kd_weight=0.5,
+        visual_kd=VisualKDConfig(enabled=True, weight=0.7),
+        kd_loss_impl=impl,
+        kd_chunk_size=3,
+        monitor=MonitorConfig(),
+        teacher_mode="separate",
+        seq_kd=False,
+        anchor_prompts=AnchorPromptsConfig(dataset=["anchors.jsonl"], weight=2.0, ratio=0.5),
+    )
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._warned_nonfinite = set()
+    trainer._capture = FeatureCapture()
+    trainer._register_hooks()
+    trainer.model.train()
+    return trainer
+
+
+def _fake_batch(data_source: DataSource) -> dict:
+    """Row 0 a data-set row, row 1 an anchor row; the window counts say more micro-batches share the step."""
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, V, (2, 7), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :3] = IGNORE  # prompts
+    labels[1, -1] = IGNORE  # rows of different lengths
+    model_inputs = {
+        seam.LABELS: labels,
+        "input_ids": input_ids,
+        seam.PIXEL_VALUES: torch.randn(8, PATCH, generator=generator),
+        seam.IMAGE_GRID_THW: GRID,
+    }
+    return {
+        seam.MODEL_INPUTS: model_inputs,
+        seam.TEACHER_INPUTS: dict(model_inputs),
+        seam.GKD_BATCH: SimpleNamespace(data_source=data_source),
+        ANCHOR_ROWS: torch.tensor([False, True]),
+        WINDOW_TOKENS: 8,  # this micro-batch: 4 domain tokens, 3 anchor tokens, 8 visual tokens
+        WINDOW_ANCHOR_TOKENS: 5,
+        WINDOW_VISUAL_TOKENS: 16,
+    }
+
+
+def _oracle(trainer, batch: dict, from_dataset: bool):
+    """The loss and the logged values straight from the pure functions, on each kind of row apart."""
+    student, teacher = trainer.model, trainer.teacher_model
+    inputs = {k: v for k, v in batch[seam.MODEL_INPUTS].items() if k != seam.LABELS}
+    labels = shift_labels(batch[seam.MODEL_INPUTS][seam.LABELS])
+    student_logits = student(**inputs).logits
+    with torch.no_grad():
+        teacher_logits = teacher(**inputs).logits
+    beta, temperature = trainer.beta, trainer.temperature
+    domain, anchor = [0], [1]
+    ce = masked_ce(student_logits[domain], labels[domain], num_items=8)
+    jsd = generalized_jsd(
+        student_logits[domain], teacher_logits[domain], labels[domain], beta, temperature, num_items=8
+    )
+    anchor_jsd = generalized_jsd(
+        student_logits[anchor], teacher_logits[anchor], labels[anchor], beta, temperature, num_items=5
+    )
+    pixels = inputs[seam.PIXEL_VALUES]
+    student_visual = [
+        student.model.visual.merger(pixels),
+        student.model.visual.deepstack_merger_list[0](pixels),
+    ]
+    with torch.no_grad():
+        teacher_visual = [
+            teacher.model.visual.merger(pixels),
+            teacher.model.visual.deepstack_merger_list[0](pixels),
+        ]
+    visual = visual_kd_loss(student_visual, teacher_visual, "mse")
+    sft_weight = 0.3 if from_dataset else 0.0
+    loss = sft_weight * ce + 0.5 * jsd + 2.0 * anchor_jsd + 0.7 * visual * 8 / 16
+    valid = labels[domain] != IGNORE
+    correct = int((student_logits[domain].argmax(-1)[valid] == labels[domain][valid]).sum())
+    logged = {
+        "sft_loss": (sft_weight * float(ce) * 8 / 4, 4),
+        "llm_kd_loss": (0.5 * float(jsd) * 8 / 4, 4),
+        "anchor_kd_loss": (2.0 * float(anchor_jsd) * 5 / 3, 3),
+        "vision_kd_loss": (0.7 * float(visual), 8),
+        "token_accuracy": (correct / 4, 4),
+    }
+    return loss, logged
+
+
+@pytest.mark.parametrize("from_dataset", [True, False], ids=["data-set rows", "student samples"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_compute_loss_is_the_sum_of_the_named_terms_each_logged(impl, from_dataset):
+    """``compute_loss`` on a fake batch (a domain row and an anchor row, one image each, window counts of a
+    larger step) equals the pure functions' values on each kind of row: CE and LM KD of the domain row, the
+    anchor row's KD, the visual distance weighted by the micro-batch's share of visual tokens; each term is
+    logged as its mean over this micro-batch's own tokens, weighted by them; gradients agree."""
+    trainer = _fake_trainer(impl)
+    batch = _fake_batch(DataSource.DATASET if from_dataset else DataSource.STUDENT)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad()
+
+    expected_loss, expected_logged = _oracle(trainer, batch, from_dataset)
+    expected_loss.backward()
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
+    assert (
+        float(expected_logged["llm_kd_loss"][0]) > 0.01 and float(expected_logged["anchor_kd_loss"][0]) > 0.01
+    )
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    metrics, weights = seam.metric_store(trainer)["train"], trainer._metric_weights["train"]
+    for name, (value, tokens) in expected_logged.items():
+        assert metrics[name] == [pytest.approx(value, rel=1e-5, abs=1e-12)], name
+        assert weights[name] == [tokens], name
+    assert metrics["token_count"] == [7.0]  # every supervised token, the anchor row's included
+    assert trainer._capture.features == {STUDENT: {}, TEACHER: {}}, "captures are dropped after the loss"

@@ -1,17 +1,21 @@
 """``GKDTrainerWithMetrics``: ms-swift's GKD trainer with weighted LM-head KD, visual KD and telemetry.
 
-Loss per micro-batch (spec 003/004), with ``w = rlhf.llm_kd_weight``:
-- ``w > 0``:  ``loss = w * jsd + sft_alpha * ce (+ visual_kd.weight * visual)``
-- ``w == 0``: ``loss = 1.0 * ce (+ visual_kd.weight * visual)``; the LM-head KD branch is skipped and,
-  without visual KD, the teacher never runs.
+Loss per micro-batch (spec 003/004), with ``w = rlhf.llm_kd_weight``, as named terms
+(``anchorkd.losses.terms.LossTerms``, each logged under its name):
+- ``sft_loss``: ``sft_alpha * ce`` when ``w > 0``, ``1.0 * ce`` when ``w == 0`` (0 on the student's own
+  samples);
+- ``llm_kd_loss``: ``w * jsd``, when ``w > 0``; with ``w == 0`` the LM-head KD branch is skipped and,
+  without visual KD or anchor prompts, the teacher never runs;
+- ``anchor_kd_loss``: ``anchor.weight * anchor_jsd`` with anchor prompts (``custom.anchor``): the trainer adds
+  anchor rows to every generation buffer (``anchor_mix.py``) and flags them per row; they add no CE, and
+  the two terms above cover the domain rows only;
+- ``vision_kd_loss``: ``visual_kd.weight * visual`` with visual KD.
 With ``w = 1`` and visual KD off, the value is the one stock ms-swift GKD computes on the same batch.
-With anchor prompts (``custom.anchor``) the trainer adds anchor rows to every generation buffer
-(``anchor_mix.py``) and flags them per row; they add ``anchor.weight * anchor_jsd`` and no CE
-(``anchorkd.losses.anchor``), and the domain terms above cover the domain rows only.
 
 Normalisation: every token term is ``sum over supervised positions / supervised positions of the whole
-accumulation window`` (of its own kind of row: domain or anchor), so a batch of 4 in one step and the same 4 samples as 2 x 2 accumulated give the
-same loss and gradients (stock GKD averages per-micro-batch means instead).
+accumulation window`` (of its own kind of row: domain or anchor), so a batch of 4 in one step and the
+same 4 samples as 2 x 2 accumulated give the same loss and gradients (stock GKD averages per-micro-batch
+means instead).
 
 The math lives in ``anchorkd.losses``; this class gathers inputs (hidden states from hooks, teacher
 outputs), composes the terms and logs each one.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -30,12 +35,23 @@ import torch
 from .. import swift_seam as seam
 from ..config.settings import AnchorSettings
 from ..errors import ConfigError
-from ..losses.anchor import fused_anchored_ce_jsd, reference_anchored_ce_jsd, supervised_counts
-from ..losses.fused import fused_ce_jsd
-from ..losses.jsd import IGNORE_INDEX, generalized_jsd, masked_ce
-from ..losses.visual import visual_kd_loss
+from ..losses.anchor import supervised_counts
+from ..losses.fused import DEFAULT_CHUNK_SIZE
+from ..losses.jsd import IGNORE_INDEX
+from ..losses.terms import (
+    LossTerm,
+    LossTerms,
+    TokenLosses,
+    TokenWindow,
+    anchor_kd_term,
+    ce_term,
+    fused_token_losses,
+    lm_kd_term,
+    reference_token_losses,
+    visual_kd_term,
+)
 from ..monitor.terms import METRIC_NAMES
-from .anchor_mix import AnchorMixer, interleave
+from .anchor_mix import AnchorMixer, interleave, spread
 from .features import (
     STUDENT,
     TEACHER,
@@ -50,15 +66,32 @@ from .sharding import ddp_loss_scale, gathered_params, global_window_tokens
 
 logger = logging.getLogger("anchorkd")
 
+# Name under which the hooks file the language body's final hidden state (the LM head's input); the
+# visual targets are filed under their own names (``features.visual_targets``).
 BODY = "body"
-TEACHER_HEAD = "teacher_lm_head"
-_WINDOW_TOKENS = "anchorkd_window_tokens"
-_WINDOW_VISUAL_TOKENS = "anchorkd_window_visual_tokens"
-_WINDOW_ANCHOR_TOKENS = "anchorkd_window_anchor_tokens"
-# Per-row flags of a micro-batch: [B] bool, True for anchor rows (set by this trainer, never by ms-swift).
+
+# Keys anchorkd adds to each micro-batch dict that ms-swift's ``_prepare_inputs`` builds (never set by
+# ms-swift). Supervised tokens of the accumulation window, over all ranks: domain rows, anchor rows, and
+# merged visual tokens.
+WINDOW_TOKENS = "anchorkd_window_tokens"
+WINDOW_ANCHOR_TOKENS = "anchorkd_window_anchor_tokens"
+WINDOW_VISUAL_TOKENS = "anchorkd_window_visual_tokens"
+# Per-row flags of a micro-batch: [B] bool, True for anchor rows.
 ANCHOR_ROWS = "anchorkd_anchor_rows"
 # The key that marks a drawn anchor row through ms-swift's sample building (it lands in GKDSample.extra).
 ANCHOR_ROW_FLAG = "anchorkd_anchor_row"
+
+
+@dataclasses.dataclass
+class TeacherPass:
+    """What the teacher's forward leaves for the loss."""
+
+    # The hooks' captures: BODY ([B, T, H_t], when the language model ran) and the visual targets.
+    features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # [B, T, V] logits, for the reference loss only.
+    logits: torch.Tensor | None = None
+    # An offloaded teacher's LM head (weight, bias), copied to the device while the teacher was there.
+    lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -68,22 +101,53 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
+def without_labels(model_inputs: dict) -> dict:
+    """The forward arguments of a collated batch (the loss reads the labels itself)."""
+    return {key: value for key, value in model_inputs.items() if key != seam.LABELS}
+
+
 def supervised_tokens(model_inputs: dict) -> int:
-    return int((shift_labels(model_inputs["labels"]) != IGNORE_INDEX).sum())
+    return int((shift_labels(model_inputs[seam.LABELS]) != IGNORE_INDEX).sum())
 
 
 def batch_token_counts(batch: dict) -> tuple[int, int]:
     """``(domain, anchor)`` supervised tokens of a prepared micro-batch."""
-    return supervised_counts(shift_labels(batch[seam.MODEL_INPUTS]["labels"]), batch.get(ANCHOR_ROWS))
+    return supervised_counts(shift_labels(batch[seam.MODEL_INPUTS][seam.LABELS]), batch.get(ANCHOR_ROWS))
+
+
+def token_windows(
+    batch: dict, labels: torch.Tensor, anchor_rows: torch.Tensor | None
+) -> tuple[TokenWindow, TokenWindow]:
+    """``(domain, anchor)`` supervised tokens of a micro-batch (``[B, T]`` shifted ``labels``, ``[B]``
+    ``anchor_rows``) and of its accumulation window; a micro-batch without window counts is its own window."""
+    domain, anchor = supervised_counts(labels, anchor_rows)
+    return (
+        TokenWindow(domain, max(int(batch.get(WINDOW_TOKENS, domain)), 1)),
+        TokenWindow(anchor, max(int(batch.get(WINDOW_ANCHOR_TOKENS, anchor)), 1)),
+    )
 
 
 def visual_tokens(model_inputs: dict, merge_size: int) -> int:
     total = 0
-    for key in ("image_grid_thw", "video_grid_thw"):
+    for key in (seam.IMAGE_GRID_THW, seam.VIDEO_GRID_THW):
         grid = model_inputs.get(key)
         if grid is not None:
             total += int(grid.prod(-1).sum()) // (merge_size**2)
     return total
+
+
+def anchor_row_flags(rows_per_batch: list[int], anchors: int) -> list[list[bool]]:
+    """Per-row anchor flags of micro-batches laid out by :func:`anchor_mix.interleave`: each micro-batch's
+    data-set rows, then its share of the ``anchors`` anchor rows (:func:`anchor_mix.spread`)."""
+    shares = spread(anchors, len(rows_per_batch))
+    return [
+        [False] * (rows - share) + [True] * share for rows, share in zip(rows_per_batch, shares, strict=True)
+    ]
+
+
+def is_anchor_sample(sample) -> bool:
+    """Whether an ms-swift ``GKDSample`` is an anchor row (flagged in ``_rollout_samples``)."""
+    return bool(sample.extra.get(ANCHOR_ROW_FLAG))
 
 
 class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
@@ -98,7 +162,6 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         self.anchor = anchor_settings
         self._anchor_rows = anchor_rows
         self._anchor_mixer = self._make_anchor_mixer()
-        self._pending_anchor_flags: list[list[bool]] | None = None
         # Our loss is already normalised over the accumulation window; HF must not divide it again.
         self.loss_is_scaled_for_ga = True
         self._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -163,13 +226,13 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         student = self.accelerator.unwrap_model(self.model)
         shared_roles = (STUDENT, TEACHER) if self.anchor.teacher_mode == "base_anchor" else (STUDENT,)
         watched = {BODY: find_language_body(student)}
-        if self.visual_kd.active:
+        if self.anchor.visual_kd_active:
             watched.update(visual_targets(student, self.visual_kd.targets))
         self._capture.watch(watched, roles=shared_roles)
         if self.teacher_model is not None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             teacher_watched = {BODY: find_language_body(teacher)}
-            if self.visual_kd.active:
+            if self.anchor.visual_kd_active:
                 teacher_watched.update(visual_targets(teacher, self.visual_kd.targets))
             self._capture.watch(teacher_watched, roles=(TEACHER,))
 
@@ -220,22 +283,25 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         return samples
 
     def split_by_mini_batches(self, samples):
-        """ms-swift's split of the data-set rows into micro-batches, each followed by its anchor rows."""
-        anchors = [s for s in samples if s.extra.get(ANCHOR_ROW_FLAG)]
+        """ms-swift's split of the data-set rows into micro-batches, each followed by its share of the anchor
+        rows (``anchor_mix.interleave``)."""
+        anchors = [s for s in samples if is_anchor_sample(s)]
         if not anchors:
             return super().split_by_mini_batches(samples)
-        domain = [s for s in samples if not s.extra.get(ANCHOR_ROW_FLAG)]
-        chunks, self._pending_anchor_flags = interleave(super().split_by_mini_batches(domain), anchors)
+        domain = [s for s in samples if not is_anchor_sample(s)]
+        chunks, _ = interleave(super().split_by_mini_batches(domain), anchors)
         return chunks
 
     def _prepare_batch_inputs(self, samples):
-        self._pending_anchor_flags = None
+        """ms-swift's micro-batches of the buffer (split as above); with anchor rows in it, each micro-batch
+        gets its per-row flags (``ANCHOR_ROWS``), read off the layout the split made."""
         batches = super()._prepare_batch_inputs(samples)
-        flags, self._pending_anchor_flags = self._pending_anchor_flags, None
-        if flags is not None:
-            for batch, row_flags in zip(batches, flags, strict=True):
-                device = batch[seam.MODEL_INPUTS]["labels"].device
-                batch[ANCHOR_ROWS] = torch.tensor(row_flags, dtype=torch.bool, device=device)
+        anchors = sum(1 for sample in samples if is_anchor_sample(sample))
+        if anchors:
+            labels = [batch[seam.MODEL_INPUTS][seam.LABELS] for batch in batches]
+            flags = anchor_row_flags([len(rows) for rows in labels], anchors)
+            for batch, rows, row_flags in zip(batches, labels, flags, strict=True):
+                batch[ANCHOR_ROWS] = torch.tensor(row_flags, dtype=torch.bool, device=rows.device)
         return batches
 
     def _annotate_buffer(self, buffer: list[dict]) -> None:
@@ -264,9 +330,9 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 [tokens, anchor_tokens, vis_tokens], self.accelerator.device
             )
         for batch in window:
-            batch[_WINDOW_TOKENS] = tokens
-            batch[_WINDOW_ANCHOR_TOKENS] = anchor_tokens
-            batch[_WINDOW_VISUAL_TOKENS] = vis_tokens
+            batch[WINDOW_TOKENS] = tokens
+            batch[WINDOW_ANCHOR_TOKENS] = anchor_tokens
+            batch[WINDOW_VISUAL_TOKENS] = vis_tokens
 
     def _spatial_merge_size(self) -> int:
         config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
@@ -276,70 +342,85 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
     # --- loss --------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss of one micro-batch: the student's forward, the teacher's (when a KD term needs it), the
+        named terms of ``anchorkd.losses.terms``, each logged; their sum is the loss."""
         mode = "train" if self.model.training else "eval"
         model_inputs = inputs[seam.MODEL_INPUTS]
         if self.anchor.kd_active:
             self._check_teacher_alignment(model_inputs, inputs[seam.TEACHER_INPUTS])
-        labels = shift_labels(model_inputs["labels"])
+        labels = shift_labels(model_inputs[seam.LABELS])
         anchor_rows = inputs.get(ANCHOR_ROWS)
-        micro_tokens, micro_anchor_tokens = supervised_counts(labels, anchor_rows)
-        window_tokens = max(int(inputs.get(_WINDOW_TOKENS, micro_tokens)), 1)
-        window_anchor_tokens = max(int(inputs.get(_WINDOW_ANCHOR_TOKENS, micro_anchor_tokens)), 1)
-        from_dataset = seam.batch_from_dataset(inputs)
-        lm_kd = self.anchor.llm_kd_weight > 0
-        anchored = self.anchor.anchor_prompts_active
-        ce_weight = (self.args.sft_alpha if lm_kd else 1.0) if from_dataset else 0.0
+        domain_tokens, anchor_tokens = token_windows(inputs, labels, anchor_rows)
         fused = self.anchor.kd_loss_impl == "fused"
-        windows = (window_tokens, window_anchor_tokens)
 
-        forward_inputs = {k: v for k, v in model_inputs.items() if k != "labels"}
         with self._capture.role(STUDENT) as student_features:
-            outputs = model(**forward_inputs, **({"logits_to_keep": 1} if fused else {}))
-        teacher_features: dict[str, torch.Tensor] = {}
+            # The fused loss starts from the hidden states: the model computes logits for one position only.
+            outputs = model(**without_labels(model_inputs), **({"logits_to_keep": 1} if fused else {}))
+        teacher = TeacherPass()
         # Decided by the settings, not by the micro-batch, so every rank runs the same forwards (ZeRO-3
         # gathers parameters collectively inside them).
-        need_lm = lm_kd or anchored
-        if need_lm or self.visual_kd.active:
-            teacher_inputs = {k: v for k, v in inputs[seam.TEACHER_INPUTS].items() if k != "labels"}
-            teacher_features = self._run_teacher_forward(model, teacher_inputs, need_lm=need_lm, fused=fused)
+        need_lm = self._teacher_language_model_runs
+        if need_lm or self.anchor.visual_kd_active:
+            teacher_inputs = without_labels(inputs[seam.TEACHER_INPUTS])
+            teacher = self._run_teacher_forward(model, teacher_inputs, need_lm=need_lm, fused=fused)
 
         if fused:
-            terms = self._fused_terms(
-                model, student_features, teacher_features, labels, anchor_rows, windows, lm_kd
+            token_losses = self._fused_token_losses(
+                model, student_features[BODY], teacher, labels, anchor_rows, domain_tokens, anchor_tokens
             )
         else:
-            terms = self._reference_terms(outputs, teacher_features, labels, anchor_rows, windows, lm_kd)
-        ce, jsd, anchor_jsd, correct = terms
-
-        loss = ce_weight * ce
-        micro_metrics = {"sft_loss": ce_weight * ce.detach()}
-        if lm_kd:
-            loss = loss + self.anchor.llm_kd_weight * jsd
-            micro_metrics["llm_kd_loss"] = self.anchor.llm_kd_weight * jsd.detach()
-        if anchored:
-            anchor_weight = self.anchor.anchor_prompts.weight
-            loss = loss + anchor_weight * anchor_jsd
-            if micro_anchor_tokens:
-                self._record_value(
-                    mode,
-                    "anchor_kd_loss",
-                    anchor_weight * float(anchor_jsd.detach()) * window_anchor_tokens / micro_anchor_tokens,
-                    micro_anchor_tokens,
-                )
-        visual = self._visual_term(student_features, teacher_features, model_inputs, inputs)
-        if visual is not None:
-            visual_mean, window_share, micro_visual_tokens = visual
-            loss = loss + self.visual_kd.weight * visual_mean * window_share
-            self._record_value(
-                mode, "vision_kd_loss", self.visual_kd.weight * visual_mean.detach(), micro_visual_tokens
+            token_losses = reference_token_losses(
+                outputs.logits,
+                teacher.logits,
+                labels,
+                anchor_rows,
+                **self._token_loss_settings(domain_tokens, anchor_tokens),
             )
+        settings = self.anchor
+        terms = LossTerms(
+            sft_loss=ce_term(token_losses.ce, self._ce_weight(inputs), domain_tokens),
+            llm_kd_loss=(
+                lm_kd_term(token_losses.jsd, settings.llm_kd_weight, domain_tokens)
+                if settings.lm_kd_active
+                else None
+            ),
+            anchor_kd_loss=(
+                anchor_kd_term(token_losses.anchor_jsd, settings.anchor_prompts.weight, anchor_tokens)
+                if settings.anchor_prompts_active
+                else None
+            ),
+            vision_kd_loss=self._visual_term(student_features, teacher.features, model_inputs, inputs),
+        )
         self._capture.clear()
-        self._record(mode, micro_metrics, micro_tokens, window_tokens, correct, micro_anchor_tokens)
+        self._record(mode, terms, domain_tokens.micro, anchor_tokens.micro, token_losses.correct_tokens)
+        loss = terms.total()
         if self.model.training:
             loss = loss * ddp_loss_scale()
         if return_outputs:
             return loss, outputs
         return loss
+
+    @property
+    def _teacher_language_model_runs(self) -> bool:
+        """The teacher's LM-head distribution is needed: LM-head KD, or the anchor rows' KD."""
+        return self.anchor.lm_kd_active or self.anchor.anchor_prompts_active
+
+    def _ce_weight(self, inputs: dict) -> float:
+        """``sft_alpha`` beside LM-head KD, 1 without it; 0 when the responses are the student's own samples."""
+        if not seam.batch_from_dataset(inputs):
+            return 0.0
+        return self.args.sft_alpha if self.anchor.lm_kd_active else 1.0
+
+    def _token_loss_settings(self, domain_tokens: TokenWindow, anchor_tokens: TokenWindow) -> dict:
+        """The keyword arguments that the fused and the reference token losses share."""
+        return {
+            "beta": self.beta,
+            "temperature": self.temperature,
+            "domain_items": domain_tokens.window,
+            "anchor_items": anchor_tokens.window,
+            "lm_kd": self.anchor.lm_kd_active,
+            "anchored": self.anchor.anchor_prompts_active,
+        }
 
     @staticmethod
     def _check_teacher_alignment(model_inputs: dict, teacher_inputs: dict) -> None:
@@ -347,7 +428,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         rows (``teacher_prompt`` / ``teacher_images``) encode the teacher separately, and where that moves
         the response tokens the two would be silently misaligned (padded batches can even keep the
         shapes equal): refuse them instead."""
-        student_labels, teacher_labels = model_inputs["labels"], teacher_inputs.get("labels")
+        student_labels, teacher_labels = model_inputs[seam.LABELS], teacher_inputs.get(seam.LABELS)
         if teacher_labels is None or teacher_labels is student_labels:
             return
         if not torch.equal(teacher_labels, student_labels):
@@ -357,13 +438,13 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 "(ms-swift OPSD) are not supported by gkd_monitor",
             )
 
-    def _run_teacher_forward(self, model, teacher_inputs: dict, need_lm: bool, fused: bool) -> dict:
-        """Teacher pass under no autograd. Returns captured features (and ``logits`` when not fused).
+    def _run_teacher_forward(self, model, teacher_inputs: dict, need_lm: bool, fused: bool) -> TeacherPass:
+        """Teacher pass under no autograd: its captured features (and logits when not fused).
 
         The LM-head branch needs the teacher's language body; visual-only KD needs just the teacher's
         vision tower, so that is all that runs then. An offloaded teacher (``rlhf.offload_teacher_model``)
-        is on the device only inside this pass; the fused loss then gets a device copy of its LM head
-        (``TEACHER_HEAD``), read inside the pass, which lives until the loss's backward is done.
+        is on the device only inside this pass; the fused loss then gets a device copy of its LM head,
+        read inside the pass, which lives until the loss's backward is done.
         """
         if self.teacher_model is not None:
             teacher, adapter_off = self.teacher_model, contextlib.nullcontext()
@@ -371,7 +452,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
             teacher = model
             adapter_off = self.accelerator.unwrap_model(model).disable_adapter()
         offloaded = self.teacher_model is not None and self.args.offload_teacher_model
-        head = None
+        result = TeacherPass()
         with (
             seam.teacher_on_device(self),
             # no_grad, not inference_mode: ZeRO-3 / FSDP gather parameter storage inside this forward,
@@ -384,15 +465,13 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
             if need_lm:
                 outputs = teacher(**teacher_inputs, **({"logits_to_keep": 1} if fused else {}))
                 if not fused:
-                    captured["logits"] = outputs.logits
+                    result.logits = outputs.logits
                 elif offloaded:
-                    head = self._teacher_head_copy()
+                    result.lm_head = self._teacher_head_copy()
             else:
                 self._teacher_vision_forward(teacher, teacher_inputs)
-        features = dict(captured)
-        if head is not None:
-            features[TEACHER_HEAD] = head
-        return features
+        result.features = dict(captured)
+        return result
 
     def _teacher_head_copy(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = lm_head_weight(find_lm_head(self.accelerator.unwrap_model(self.teacher_model)))
@@ -401,101 +480,58 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
 
     def _teacher_vision_forward(self, teacher, teacher_inputs: dict) -> None:
         body = find_language_body(self.accelerator.unwrap_model(teacher))
-        if teacher_inputs.get("pixel_values") is not None:
-            body.get_image_features(teacher_inputs["pixel_values"], teacher_inputs.get("image_grid_thw"))
-        if teacher_inputs.get("pixel_values_videos") is not None:
+        if teacher_inputs.get(seam.PIXEL_VALUES) is not None:
+            body.get_image_features(
+                teacher_inputs[seam.PIXEL_VALUES], teacher_inputs.get(seam.IMAGE_GRID_THW)
+            )
+        if teacher_inputs.get(seam.VIDEO_PIXEL_VALUES) is not None:
             body.get_video_features(
-                teacher_inputs["pixel_values_videos"], teacher_inputs.get("video_grid_thw")
+                teacher_inputs[seam.VIDEO_PIXEL_VALUES], teacher_inputs.get(seam.VIDEO_GRID_THW)
             )
 
-    def _fused_terms(self, model, student_features, teacher_features, labels, anchor_rows, windows, lm_kd):
-        """(domain CE, domain JSD, anchor JSD, correct domain tokens) from hidden states."""
-        anchored = self.anchor.anchor_prompts_active
-        need_teacher = lm_kd or anchored
+    def _teacher_lm_head(self, student_model) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's LM head where it lives: the separate teacher's, or the student's frozen base."""
+        if self.teacher_model is None:
+            return lm_head_weight(find_lm_head(student_model), use_base=True)
+        return lm_head_weight(find_lm_head(self.accelerator.unwrap_model(self.teacher_model)))
+
+    def _fused_token_losses(
+        self,
+        model,
+        student_hidden: torch.Tensor,
+        teacher: TeacherPass,
+        labels: torch.Tensor,
+        anchor_rows: torch.Tensor | None,
+        domain_tokens: TokenWindow,
+        anchor_tokens: TokenWindow,
+    ) -> TokenLosses:
+        """:func:`~anchorkd.losses.terms.fused_token_losses` on the LM heads, gathered where they are sharded."""
         student_model = self.accelerator.unwrap_model(model)
         weight, bias = lm_head_weight(find_lm_head(student_model))
         teacher_weight = teacher_bias = None
-        if (
-            need_teacher and TEACHER_HEAD in teacher_features
-        ):  # offloaded teacher: the copy made on the device
-            teacher_weight, teacher_bias = teacher_features[TEACHER_HEAD]
-        elif need_teacher:
-            teacher_model = self.teacher_model if self.teacher_model is not None else student_model
-            teacher_head = find_lm_head(self.accelerator.unwrap_model(teacher_model))
-            teacher_weight, teacher_bias = lm_head_weight(teacher_head, use_base=self.teacher_model is None)
+        if self._teacher_language_model_runs:
+            head = teacher.lm_head  # an offloaded teacher's copy, made on the device
+            teacher_weight, teacher_bias = head if head is not None else self._teacher_lm_head(student_model)
         # Under ZeRO-3 / FSDP full-shard the heads hold only a shard after the forward: gather them for
         # the loss (a gradient still reaches the student's shard when its head trains).
-        chunk = {"chunk_size": self.anchor.kd_chunk_size} if self.anchor.kd_chunk_size else {}
         with gathered_params([weight, bias, teacher_weight, teacher_bias]) as heads:
             weight, bias, teacher_weight, teacher_bias = heads
-            if anchored:
-                return fused_anchored_ce_jsd(
-                    student_features[BODY],
-                    weight,
-                    labels,
-                    anchor_rows,
-                    teacher_features[BODY],
-                    teacher_weight,
-                    beta=self.beta,
-                    temperature=self.temperature,
-                    domain_items=windows[0],
-                    anchor_items=windows[1],
-                    domain_jsd=lm_kd,
-                    student_lm_head_bias=bias,
-                    teacher_lm_head_bias=teacher_bias,
-                    **chunk,
-                )
-            result = fused_ce_jsd(
-                student_features[BODY],
+            return fused_token_losses(
+                student_hidden,
                 weight,
                 labels,
-                teacher_features.get(BODY) if lm_kd else None,
+                anchor_rows,
+                teacher.features.get(BODY),
                 teacher_weight,
-                beta=self.beta,
-                temperature=self.temperature,
-                **chunk,
-                num_items=windows[0],
-                compute_ce=True,
-                compute_jsd=lm_kd,
+                **self._token_loss_settings(domain_tokens, anchor_tokens),
+                chunk_size=self.anchor.kd_chunk_size or DEFAULT_CHUNK_SIZE,
                 student_lm_head_bias=bias,
                 teacher_lm_head_bias=teacher_bias,
             )
-        return result.ce, result.jsd, result.jsd.new_zeros(()), int(result.correct_tokens)
 
-    def _reference_terms(self, outputs, teacher_features, labels, anchor_rows, windows, lm_kd):
-        logits = outputs.logits
-        window_tokens = windows[0]
-        if self.anchor.anchor_prompts_active:
-            return reference_anchored_ce_jsd(
-                logits,
-                teacher_features["logits"],
-                labels,
-                anchor_rows,
-                beta=self.beta,
-                temperature=self.temperature,
-                domain_items=window_tokens,
-                anchor_items=windows[1],
-                domain_jsd=lm_kd,
-            )
-        ce = masked_ce(logits, labels, num_items=window_tokens)
-        if lm_kd:
-            jsd = generalized_jsd(
-                logits,
-                teacher_features["logits"],
-                labels,
-                self.beta,
-                self.temperature,
-                num_items=window_tokens,
-            )
-        else:
-            jsd = logits.new_zeros((), dtype=torch.float32)
-        valid = labels != IGNORE_INDEX
-        correct = int((logits.argmax(-1)[valid] == labels[valid]).sum())
-        return ce, jsd, jsd.new_zeros(()), correct
-
-    def _visual_term(self, student_features, teacher_features, model_inputs, inputs):
-        """(per-token mean distance, this micro-batch's share of the window's visual tokens, its tokens)."""
-        if not self.visual_kd.active:
+    def _visual_term(self, student_features, teacher_features, model_inputs, inputs) -> LossTerm | None:
+        """``vision_kd_loss`` over the captured visual targets; None without visual KD or without images."""
+        if not self.anchor.visual_kd_active:
             return None
         names = [name for name in student_features if name != BODY]
         if not names:
@@ -503,33 +539,25 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         missing = [name for name in names if name not in teacher_features]
         if missing:
             raise RuntimeError(f"teacher forward produced no features for {missing}")
-        term = visual_kd_loss(
+        micro = visual_tokens(model_inputs, self._spatial_merge_size())
+        return visual_kd_term(
             [student_features[n] for n in names],
             [teacher_features[n] for n in names],
             self.visual_kd.distance,
+            self.visual_kd.weight,
+            TokenWindow(micro, max(int(inputs.get(WINDOW_VISUAL_TOKENS, micro)), 1)),
         )
-        micro = visual_tokens(model_inputs, self._spatial_merge_size())
-        window = max(int(inputs.get(_WINDOW_VISUAL_TOKENS, micro)), 1)
-        return term, micro / window, micro
 
     # --- telemetry ----------------------------------------------------------------------------------
 
-    def _record(
-        self,
-        mode: str,
-        micro_metrics: dict,
-        micro_tokens: int,
-        window_tokens: int,
-        correct: int,
-        anchor_tokens: int = 0,
-    ):
-        """Store per-micro-batch values; token terms are converted back to this micro-batch's mean.
-        ``token_count`` counts every supervised token, anchor rows' included."""
-        to_micro_mean = window_tokens / max(micro_tokens, 1)
-        for name, value in micro_metrics.items():
-            self._record_value(mode, name, float(value) * to_micro_mean, micro_tokens)
-        self._record_value(mode, "token_accuracy", correct / max(micro_tokens, 1), micro_tokens)
-        seam.metric_store(self)[mode]["token_count"].append(float(micro_tokens + anchor_tokens))
+    def _record(self, mode: str, terms: LossTerms, domain_tokens: int, anchor_tokens: int, correct: int):
+        """Store each term's micro-batch value with its token weight, then the domain tokens' accuracy and
+        ``token_count`` (every supervised token, anchor rows' included)."""
+        for name, term in terms.present():
+            if term.logged is not None:
+                self._record_value(mode, name, term.logged, term.tokens)
+        self._record_value(mode, "token_accuracy", correct / max(domain_tokens, 1), domain_tokens)
+        seam.metric_store(self)[mode]["token_count"].append(float(domain_tokens + anchor_tokens))
 
     def _record_value(self, mode: str, name: str, value, weight: int) -> None:
         """Append one micro-batch value with its averaging weight; warn once per term and step on NaN/Inf."""
