@@ -163,7 +163,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         self._anchor_rows = anchor_rows
         self._anchor_mixer = self._make_anchor_mixer()
         # Our loss is already normalised over the accumulation window; HF must not divide it again.
-        self.loss_is_scaled_for_ga = True
+        seam.mark_loss_scaled_for_accumulation(self)
         self._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._warned_nonfinite: set[tuple[str, int]] = set()
         self._check_matches_settings()
