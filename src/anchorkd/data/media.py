@@ -109,9 +109,10 @@ def _video_entry(item, field: str) -> list[MediaRef]:
 def _block_media(block: dict, field: str) -> list[MediaRef]:
     """The media of one typed content block: ``{"type": "image", "image": PATH}``, or the OpenAI form
     ``{"type": "image_url", "image_url": {"url": URL}}``."""
-    kind = MEDIA_BLOCK_TYPES.get(block.get("type"))
+    block_type = block.get("type")
+    kind = MEDIA_BLOCK_TYPES.get(block_type) if isinstance(block_type, str) else None
     if kind is None:
-        return []
+        return []  # text, or a block check_record refuses
     value = block.get(block["type"])
     if isinstance(value, dict):
         if "url" not in value:

@@ -616,9 +616,8 @@ class MediaFiles:
         self.path = path
         self.check_files = check_files
         self.seen: set[tuple[str, str]] = set()
-        self.images: dict[
-            Path, tuple[RowPlace, str]
-        ] = {}  # image file -> the first row naming it, as written
+        # Each local image file -> the first row naming it, and the value as written there.
+        self.images: dict[Path, tuple[RowPlace, str]] = {}
 
     def add(self, record: dict, place: RowPlace) -> None:
         try:
