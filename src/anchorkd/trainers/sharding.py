@@ -13,6 +13,8 @@ a loss that reads the LM-head weight after the forward (the fused loss) must gat
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -22,6 +24,8 @@ from torch import nn
 from .. import deepspeed_seam as zero3
 from .. import swift_seam as seam
 from ..waits import collective_limit_s, wait_for_collective
+
+logger = logging.getLogger("anchorkd")
 
 
 def launch_rank() -> int:
@@ -72,18 +76,43 @@ def bounded_all_reduce(tensor: torch.Tensor, what: str) -> None:
 
 
 def release_process_group() -> bool:
-    """Destroy the process group of a finished torchrun worker (``WORLD_SIZE`` > 1) before the interpreter
-    exits; True if there was one. A single process (tests, the demo) keeps its group.
+    """Tear down a finished torchrun worker's process group (``WORLD_SIZE`` > 1) while Python is whole; True if
+    there was one. A single process (tests, the demo) keeps its group.
 
-    Left to interpreter teardown, Gloo's worker threads can still hold work objects whose tensors reach
-    back into Python, and the process dies with SIGABRT ("terminate called without an active exception")
-    after training has finished. Call it only after a successful run: on an error other ranks may still
-    be in a collective, and a collective destroy would hang them.
+    Why: a finished run's trainer, DDP wrapper and optimizer sit in reference cycles (trainer, callbacks,
+    accelerator, model), so reference counting never frees them; left alone, they are collected during
+    interpreter finalisation. Then the DDP reducer drops the last reference to the Gloo group there, and a
+    Gloo worker thread that frees a tensor owned by Python needs the GIL of an interpreter that is going
+    away: CPython ends such a thread with a forced unwind, which hits a ``noexcept`` C++ frame and the
+    process dies with SIGABRT ("terminate called without an active exception") after training finished.
+    ``destroy_process_group`` alone does not prevent it: it only forgets the group, which the reducer keeps
+    alive. So: collect the cycles first (the group's only owner left is torch's registry), destroy the group
+    (its threads are joined now), and warn if a DDP wrapper is still alive, since that would mean someone
+    still holds the run's model.
+
+    Call it only after a successful run: on an error other ranks may still be in a collective, and a
+    collective destroy would hang them.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _distributed():
         return False
+    gc.collect()
     torch.distributed.destroy_process_group()
+    survivors = live_data_parallel_wrappers()
+    if survivors:
+        logger.warning(
+            "anchorkd: %d DistributedDataParallel wrapper(s) still alive after the run; the process group "
+            "they hold is freed only at interpreter exit",
+            survivors,
+        )
     return True
+
+
+def live_data_parallel_wrappers() -> int:
+    """How many ``DistributedDataParallel`` modules are alive after a full collection (each owns a reference
+    to its process group)."""
+    gc.collect()
+    wrapper = torch.nn.parallel.DistributedDataParallel
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, wrapper))
 
 
 def ddp_loss_scale() -> int:
