@@ -30,8 +30,15 @@ from ..checkpoints import with_resume
 from ..errors import ConfigError, ConfigErrors
 from . import swift_keys
 from .rules import ConfigDraft, LaunchEnvironment, check_rules
-from .schema import AnchorRlhfKnobs, CustomConfig, default_teacher_targets_dir, validate_model
-from .settings import AnchorSettings, RunMode, RunSettings, TeacherMode
+from .schema import (
+    AnchorPromptsConfig,
+    AnchorRlhfKnobs,
+    CustomConfig,
+    VisualKDConfig,
+    default_teacher_targets_dir,
+    validate_model,
+)
+from .settings import ActiveTerms, AnchorSettings, RunMode, RunSettings, TeacherMode
 from .yaml_io import (
     apply_overrides,
     load_yaml_with_extends,
@@ -49,7 +56,7 @@ _ENV_SET_BY_SWIFT_ARGS = ("TENSORBOARD_LOGGING_DIR",)
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolvedConfig:
+class ResolvedConfig(ActiveTerms):
     """A validated config: merged sections, anchorkd's own knobs, what kind of run it is, and where each
     value came from. ``sections`` are not to be changed after resolution."""
 
@@ -63,12 +70,12 @@ class ResolvedConfig:
     seq_kd: bool = False
 
     @property
-    def visual_kd_active(self) -> bool:
-        return self.mode == "gkd" and self.custom.visual_kd.active
+    def visual_kd(self) -> VisualKDConfig:
+        return self.custom.visual_kd
 
     @property
-    def lm_kd_active(self) -> bool:
-        return self.mode == "gkd" and self.llm_kd_weight > 0
+    def anchor_prompts(self) -> AnchorPromptsConfig:
+        return self.custom.anchor
 
     def swift_kwargs(self) -> dict[str, Any]:
         """Flat keyword arguments for the ms-swift argument dataclass (anchorkd's keys removed)."""
@@ -231,7 +238,7 @@ def _derive(draft: ConfigDraft, sources: list[Path], overridden: frozenset[str])
     if not draft.is_gkd:
         # Other ms-swift RLHF types (dpo, grpo, ...) run through ms-swift's own trainers unchanged.
         mode: RunMode = "rlhf" if draft.rlhf.get("rlhf_type") else "sft"
-    elif weight > 0 or custom.visual_kd.active or custom.anchor.active:
+    elif draft.kd_requested:
         mode = "gkd"
     else:
         logger.info("every KD weight is 0: running plain SFT (teacher not loaded, CE weight 1.0)")
@@ -339,7 +346,7 @@ def _check_checkpoints(config: ResolvedConfig) -> None:
         _check_checkpoint("rlhf.teacher_model", rlhf.get("teacher_model"))
         for i, adapter in enumerate(rlhf.get("teacher_adapters", []) or []):
             _check_checkpoint(f"rlhf.teacher_adapters[{i}]", adapter)
-        generates = "seq_kd" if config.seq_kd else "custom.anchor" if config.custom.anchor.active else None
+        generates = "seq_kd" if config.seq_kd else "custom.anchor" if config.anchor_prompts_active else None
         if generates and not is_local_reference(rlhf.get("teacher_model") or ""):
             raise ConfigError(
                 "rlhf.teacher_model",

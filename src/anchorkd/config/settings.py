@@ -25,7 +25,30 @@ RunMode = Literal["sft", "gkd", "rlhf"]
 TeacherMode = Literal["none", "base_anchor", "separate"]
 
 
-class AnchorSettings(BaseModel):
+class ActiveTerms:
+    """Which of anchorkd's KD terms a run trains: the one definition, shared by the two objects that know the
+    run mode (``ResolvedConfig`` and ``AnchorSettings``). Each provides ``mode``, ``llm_kd_weight``,
+    ``visual_kd`` and ``anchor_prompts``. Before the mode is derived, ``rules.ConfigDraft`` says what the
+    config *requests* (``kd_requested``, ``anchor_requested``)."""
+
+    @property
+    def lm_kd_active(self) -> bool:
+        return self.mode == "gkd" and self.llm_kd_weight > 0
+
+    @property
+    def visual_kd_active(self) -> bool:
+        return self.mode == "gkd" and self.visual_kd.active
+
+    @property
+    def anchor_prompts_active(self) -> bool:
+        return self.mode == "gkd" and self.anchor_prompts.active
+
+    @property
+    def kd_active(self) -> bool:
+        return self.lm_kd_active or self.visual_kd_active or self.anchor_prompts_active
+
+
+class AnchorSettings(ActiveTerms, BaseModel):
     """anchorkd's knobs for one run, as the trainer, the loss and the monitor read them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -43,22 +66,6 @@ class AnchorSettings(BaseModel):
     seq_kd: bool
     # KD-only anchor prompts (``custom.anchor``); their files hold an answer on every row by training time.
     anchor_prompts: AnchorPromptsConfig
-
-    @property
-    def lm_kd_active(self) -> bool:
-        return self.mode == "gkd" and self.llm_kd_weight > 0
-
-    @property
-    def visual_kd_active(self) -> bool:
-        return self.mode == "gkd" and self.visual_kd.active
-
-    @property
-    def anchor_prompts_active(self) -> bool:
-        return self.mode == "gkd" and self.anchor_prompts.active
-
-    @property
-    def kd_active(self) -> bool:
-        return self.lm_kd_active or self.visual_kd_active or self.anchor_prompts_active
 
     @classmethod
     def from_config(cls, config: ResolvedConfig, teacher_mode: TeacherMode) -> AnchorSettings:

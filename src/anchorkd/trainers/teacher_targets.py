@@ -470,7 +470,7 @@ def with_teacher_targets(
         data = {**config.sections["data"], "dataset": [str(path) for path in files]}
         logger.info("seq_kd: training on the teacher's answers in %s", [str(path) for path in files])
         config = dataclasses.replace(config, sections={**config.sections, "data": data})
-    if config.mode == "gkd" and config.custom.anchor.active:
+    if config.anchor_prompts_active:
         files = _target_files(TargetJob.for_anchor_prompts(config), writer, wait)
         anchor = config.custom.anchor.model_copy(update={"dataset": [str(path) for path in files]})
         logger.info(
