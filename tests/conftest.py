@@ -16,6 +16,18 @@ from anchorkd.offline import configure_network
 configure_network()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def media_cache_in_the_session(tmp_path_factory):
+    """Keep the decoded-image cache (data/media.py) out of the user's ~/.cache: one file per test session."""
+    saved = os.environ.get("ANCHORKD_MEDIA_CACHE")
+    os.environ["ANCHORKD_MEDIA_CACHE"] = str(tmp_path_factory.mktemp("media-cache") / "media-verified.txt")
+    yield
+    if saved is None:
+        os.environ.pop("ANCHORKD_MEDIA_CACHE", None)
+    else:
+        os.environ["ANCHORKD_MEDIA_CACHE"] = saved
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 

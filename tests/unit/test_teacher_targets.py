@@ -172,7 +172,9 @@ def test_a_row_without_an_answer_gets_the_teachers(tmp_path, config_dict, data, 
 
 def test_rows_with_inputs_the_teacher_would_not_see_are_refused(tmp_path, config_dict, data, fake):
     rows = rows_of(data)
-    rows[2]["videos"] = ["clip.mp4"]
+    clip = tmp_path / "clip.mp4"  # present, so the refusal is about the teacher, not a missing file
+    clip.write_bytes(b"\0")
+    rows[2]["videos"] = [str(clip)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as info:
         tt.with_teacher_targets(resolve(tmp_path, config_dict), writer=True)
