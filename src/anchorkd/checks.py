@@ -3,8 +3,14 @@
 ``anchorkd validate``, ``anchorkd check`` and the start of ``anchorkd train`` all call ``check_run``:
 1. the config: keys, types, every rule of ``anchorkd.config.rules``, checkpoints (``ConfigLoader``);
    what the checkpoints' own files tell: LoRA targets, model type, resume settings (``anchorkd.checkpoint_rules``);
-2. the data: every line of every local data file, anchor prompts included (``anchorkd.data.validate``);
+2. the data: every line of every local data file, anchor prompts included (``anchorkd.data.validate``),
+   and the rows the teacher will answer (seq_kd, anchor prompts without an answer) as it will prompt them;
 3. for runs with a teacher: teacher / student compatibility (``anchorkd.trainers.preflight``).
+
+The rules on values ms-swift derives (rows per generation buffer, ``accelerator_config`` under DeepSpeed)
+are config rules computed from the config (``anchorkd.config.rules``), so they run here too: in
+``teacher-targets`` and before ``train`` loads a teacher or writes its answers. Nothing here builds
+ms-swift's argument objects, which would start a process group in a torchrun worker.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint_rules import check_checkpoint_rules
 from .config import ConfigLoader, ResolvedConfig
+from .errors import DataError
 
 
 def data_rules(config: ResolvedConfig):
@@ -44,6 +51,42 @@ def check_data(config: ResolvedConfig) -> None:
         # The anchor prompts: the same rules (a row may end without an assistant turn: the teacher answers it).
         for i, entry in enumerate(config.custom.anchor.dataset):
             validate_dataset_entry(entry, key_path=f"custom.anchor.dataset[{i}]", rules=rules)
+    check_teacher_prompts(config)
+
+
+def check_teacher_prompts(config: ResolvedConfig) -> None:
+    """The rows the teacher answers before training (every ``data.dataset`` row with seq_kd, the anchor rows
+    without an answer) are prompts it can take: a user turn, and no content that its generation leaves out.
+    The teacher-target writer refuses them too, but only after it has loaded the teacher and written to its
+    cache."""
+    if config.mode != "gkd":
+        return
+    answered = (
+        [(entry, False) for entry in config.sections["data"].get("dataset") or []] if config.seq_kd else []
+    )
+    answered += [(entry, True) for entry in config.custom.anchor.dataset]
+    if not answered:
+        return
+    from .data.validate import iter_data_rows
+    from .eval.generate import sample_from_record
+    from .trainers.teacher_targets import UNSUPPORTED_ROW_KEYS, has_answer
+
+    for entry, keeps_answers in answered:
+        path = Path(entry).expanduser()
+        for place, record in iter_data_rows(path):
+            if keeps_answers and has_answer(record):
+                continue
+            unsupported = [key for key in UNSUPPORTED_ROW_KEYS if record.get(key)]
+            if unsupported:
+                raise place.error(
+                    path,
+                    "the teacher is prompted with messages and images only (seq_kd, anchor prompts); this "
+                    f"row also has {unsupported[0]!r}",
+                )
+            try:
+                sample_from_record(record, path, place.line)
+            except DataError as error:
+                raise place.locate(error) from None
 
 
 def check_run(path: str | Path, overrides: Iterable[str] = (), *, teacher: bool = True) -> ResolvedConfig:

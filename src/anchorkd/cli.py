@@ -17,10 +17,10 @@ DEMO_RUNS = ("sft", "gkd", "gkd_visual", "gkd_seqkd", "gkd_anchor")
 DEFAULT_DEMO_RUNS = ("sft", "gkd", "gkd_anchor")
 
 
-def _torchrun_relaunch(argv: list[str]) -> int | None:
-    """Under NPROC_PER_NODE (ms-swift's variables), relaunch this command once per rank via torchrun."""
+def _torchrun_command(argv: list[str]) -> list[str] | None:
+    """Under NPROC_PER_NODE (ms-swift's variables), the torchrun command that runs this one once per rank;
+    None in a single process or in a torchrun worker."""
     import os
-    import subprocess
 
     if "LOCAL_RANK" in os.environ:
         return None  # already a torchrun worker
@@ -29,18 +29,24 @@ def _torchrun_relaunch(argv: list[str]) -> int | None:
     torchrun_args = swift_torchrun_args()
     if torchrun_args is None:
         return None
-    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "anchorkd.cli", *argv]
-    print(f"anchorkd: launching {' '.join(command)}", flush=True)
-    return subprocess.call(command)
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "anchorkd.cli", *argv]
 
 
 def _cmd_train(ns) -> int:
     from .trainers.pipeline import run_training
     from .trainers.sharding import release_process_group
 
-    relaunched = _torchrun_relaunch(ns.argv)
-    if relaunched is not None:
-        return relaunched
+    relaunch = _torchrun_command(ns.argv)
+    if relaunch is not None:
+        import subprocess
+
+        from .checks import check_run
+
+        # Every check here first (for the world size the relaunch will have): a refusal is said once and
+        # exits 2 before torchrun starts a rank, instead of once per rank and a torchrun traceback.
+        check_run(ns.config, ns.overrides)
+        print(f"anchorkd: launching {' '.join(relaunch)}", flush=True)
+        return subprocess.call(relaunch)
 
     summary = run_training(ns.config, ns.overrides)
     release_process_group()  # this process exits next: tear the group down while Python is whole
@@ -391,13 +397,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     ns.argv = argv
-    from .errors import AnchorKDError
+    from .errors import AnchorKDError, ConfigError, DataError
 
     try:
         return ns.handler(ns)
     except (AnchorKDError, FileExistsError, FileNotFoundError) as exc:
-        print(f"anchorkd: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, ConfigError | DataError) and _other_torchrun_rank()):
+            print(f"anchorkd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _other_torchrun_rank() -> bool:
+    """A torchrun worker other than rank 0: every rank checks the same config and data, and rank 0 says
+    what is wrong with them (once, not once per rank)."""
+    import os
+
+    return "LOCAL_RANK" in os.environ and os.environ.get("RANK", "0") != "0"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -105,3 +105,44 @@ def test_anchor_prompt_files_are_checked_like_the_data(tmp_path, tiny_model_dir)
     config = check_run(anchor_config(tmp_path, tiny_model_dir, data, [str(anchors)]), teacher=False)
     assert config.custom.anchor.dataset == [str(anchors)]
     assert not (tmp_path / "out").exists()
+
+
+def seq_kd_config(folder: Path, tiny_model_dir: Path, dataset: Path, anchor: list[str] | None = None) -> Path:
+    path = config_file(folder, tiny_model_dir, dataset, gkd=True)
+    config = yaml.safe_load(path.read_text())
+    config["rlhf"]["seq_kd"] = anchor is None
+    if anchor is not None:
+        config["custom"]["anchor"] = {"dataset": anchor, "ratio": 0.5}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_rows_the_teacher_answers_are_checked_before_it_loads(tmp_path, tiny_model_dir):
+    """seq_kd prompts the teacher with every row; a row it cannot take is refused by the checks, with its
+    file:line, before the teacher loads or anything is written to the teacher-answer cache."""
+    tools = {**ROW, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}
+    (tmp_path / "d").mkdir()
+    data = write(tmp_path / "d", "train.jsonl", [ROW, tools])
+    with pytest.raises(DataError) as info:
+        check_run(seq_kd_config(tmp_path, tiny_model_dir, data), teacher=False)
+    assert str(info.value).startswith(f"{data}:2: the teacher is prompted with messages and images only")
+    assert "this row also has 'tools'" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "run.yaml"]  # no cache, no output dir
+    data = write(tmp_path / "d", "train.jsonl", [ROW, ROW])
+    assert check_run(seq_kd_config(tmp_path, tiny_model_dir, data), teacher=False).seq_kd
+
+
+def test_anchor_rows_without_an_answer_are_checked_as_teacher_prompts(tmp_path, tiny_model_dir):
+    (tmp_path / "d").mkdir()
+    data = write(tmp_path / "d", "train.jsonl", [ROW])
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    answered = {**ROW, "tools": tools}  # keeps its own answer: the teacher never sees it
+    prompt = {"messages": [{"role": "user", "content": "describe the scene"}], "tools": tools}
+    anchors = write(tmp_path / "d", "anchors.jsonl", [answered, prompt])
+    with pytest.raises(DataError) as info:
+        check_run(seq_kd_config(tmp_path, tiny_model_dir, data, [str(anchors)]), teacher=False)
+    assert str(info.value).startswith(f"{anchors}:2: the teacher is prompted with messages and images only")
+    anchors = write(tmp_path / "d", "anchors.jsonl", [answered, {"messages": prompt["messages"]}])
+    config = check_run(seq_kd_config(tmp_path, tiny_model_dir, data, [str(anchors)]), teacher=False)
+    assert config.custom.anchor.active and not config.seq_kd
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "run.yaml"]

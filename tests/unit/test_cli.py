@@ -13,6 +13,8 @@ from anchorkd.cli import EXIT_BAD_INPUT, main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_STAGE_2 = REPO_ROOT / "configs" / "demo" / "stage_2_llm_lora.yaml"
+DEMO_GKD = REPO_ROOT / "configs" / "demo" / "stage_2_llm_lora_gkd.yaml"
+DEMO_ANCHOR = REPO_ROOT / "configs" / "demo" / "anchor_prompts.yaml"
 TB_ENV = "TENSORBOARD_LOGGING_DIR"
 
 
@@ -174,4 +176,193 @@ def test_validate_resume_auto(in_demo_workdir, capsys, tmp_path):
         ["v0-20260101-000000", "checkpoint-2", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt"]
         + ["rng_state.pth", "trainer_state.json"]
     )
+    assert runs_snapshot(in_demo_workdir) == before
+
+
+# --- every refusal before anything loads: validate, check and train alike ----------------------------------
+
+
+def command_line(command: str, config: Path, overrides: list[str], out: Path) -> list[str]:
+    """``anchorkd COMMAND`` of ``config`` in the form each command takes."""
+    if command == "train":
+        return ["train", "--config", str(config), *overrides]
+    if command == "teacher-targets":
+        return ["teacher-targets", "--config", str(config), "--out", str(out), *overrides]
+    return [command, str(config), *overrides]
+
+
+def assert_refused(capsys, args: list[str], key_path: str, words: str) -> str:
+    code = main(args)
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert code == EXIT_BAD_INPUT, (out, err)
+    assert last.startswith(f"anchorkd: error: {key_path} (in ") and words in last, last
+    assert "Traceback" not in err and "<ms-swift>" not in err
+    return last
+
+
+@pytest.mark.parametrize("command", ["validate", "check", "train"])
+@pytest.mark.parametrize(
+    ("override", "key_path", "words"),
+    [
+        # ms-swift's and transformers' knobs: named by their own key, not by ms-swift or a data file
+        ("training.optim=adamw_bogus", "training.optim", "unknown value 'adamw_bogus'"),
+        ("template.template=qwen3_bogus", "template.template", "unknown value 'qwen3_bogus'"),
+        ("training.deepspeed=zero9", "training.deepspeed", "neither one of ms-swift's presets"),
+        ("template.max_pixels=-5", "template.max_pixels", "must be >= 1"),
+        ("training.adam_epsilon=.nan", "training.adam_epsilon", "must be > 0"),
+        # settings that would make a feature inert
+        ("rlhf.seq_kd=true", "rlhf.seq_kd", "has no effect with rlhf.lmbda: 1"),
+        ("custom.monitor.kd_spike_factor=.inf", "custom.monitor.kd_spike_factor", "must be a finite number"),
+    ],
+)
+def test_a_refused_value_names_its_key_and_writes_nothing(
+    in_demo_workdir, capsys, tmp_path, command, override, key_path, words
+):
+    out_dir = tmp_path / "run"
+    overrides = [f"training.output_dir={out_dir}", "rlhf.lmbda=1", override]
+    assert_refused(capsys, command_line(command, DEMO_GKD, overrides, tmp_path / "t.jsonl"), key_path, words)
+    assert sorted(tmp_path.iterdir()) == []  # no output dir, no teacher-answer cache beside it
+    assert runs_snapshot(in_demo_workdir) is None
+
+
+@pytest.mark.parametrize("command", ["validate", "check", "train"])
+def test_a_key_written_twice_is_refused_with_file_and_line(in_demo_workdir, capsys, tmp_path, command):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"extends: {DEMO_GKD}\nrlhf:\n  llm_kd_weight: 1.0\ntraining:\n  output_dir: {tmp_path / 'run'}\n"
+        "rlhf:\n  llm_kd_weight: 0.0\n"
+    )
+    last = assert_refused(
+        capsys, command_line(command, config, [], tmp_path / "t.jsonl"), "rlhf", "lines 2 and 6"
+    )
+    assert f"(in {config}:6)" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+@pytest.mark.parametrize("command", ["validate", "check", "train"])
+@pytest.mark.parametrize(
+    ("where", "words"),
+    [("a_file", "exists and is not a folder"), ("a_file/run", "a_file is a file, not a folder")],
+)
+def test_an_output_dir_that_cannot_be_a_folder_is_refused(
+    in_demo_workdir, capsys, tmp_path, command, where, words
+):
+    (tmp_path / "a_file").write_text("mine")
+    args = command_line(command, DEMO_GKD, [f"training.output_dir={tmp_path / where}"], tmp_path / "t.jsonl")
+    assert_refused(capsys, args, "training.output_dir", words)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"] and (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused(in_demo_workdir, capsys, tmp_path, monkeypatch):
+    """Checked with the permission the process has (os.access), never by creating the folder."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    for target, words in (
+        (locked, "is not writable"),
+        (locked / "run", f"cannot be created: {locked} is not"),
+    ):
+        args = ["validate", str(DEMO_GKD), f"training.output_dir={target}"]
+        assert_refused(capsys, args, "training.output_dir", words)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["validate", "check", "teacher-targets", "train"])
+def test_an_anchor_ratio_that_rounds_to_no_row_is_refused_before_the_teacher_loads(
+    in_demo_workdir, capsys, tmp_path, command
+):
+    """A rule on the rows ms-swift derives per generation buffer: refused by every command, before a teacher
+    is loaded or its answers are written (the teacher-answer cache sits beside the output dir)."""
+    overrides = [
+        f"training.output_dir={tmp_path / 'runs' / 'anchor'}",
+        "training.per_device_train_batch_size=1",
+        "training.gradient_accumulation_steps=1",
+        "custom.anchor.ratio=0.1",
+    ]
+    args = command_line(command, DEMO_ANCHOR, overrides, tmp_path / "answers.jsonl")
+    assert_refused(capsys, args, "custom.anchor.ratio", "rounds to no anchor row")
+    assert list(tmp_path.iterdir()) == []
+    assert runs_snapshot(in_demo_workdir) is None
+
+
+def test_other_torchrun_ranks_leave_a_refusal_to_rank_0(in_demo_workdir, capsys, monkeypatch):
+    bad = ["validate", str(DEMO_GKD), "training.optim=adamw_bogus"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    assert main(bad) == EXIT_BAD_INPUT
+    assert "anchorkd: error" not in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    assert main(bad) == EXIT_BAD_INPUT
+    assert "anchorkd: error: training.optim" in capsys.readouterr().err
+
+
+# --- one command-line shape: FILE or --config FILE on every command that takes a config ---------------------
+
+CONFIG_COMMANDS = ("train", "validate", "check", "teacher-targets")
+
+
+def extra_options(command: str, tmp_path: Path) -> list[str]:
+    return ["--out", str(tmp_path / "targets.jsonl")] if command == "teacher-targets" else []
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+@pytest.mark.parametrize("form", ["positional", "option", "option last"])
+def test_config_commands_take_the_config_as_file_or_as_option(monkeypatch, tmp_path, command, form):
+    import anchorkd.cli as cli
+
+    seen = []
+    handler = f"_cmd_{command.replace('-', '_')}"
+    monkeypatch.setattr(cli, handler, lambda ns: seen.append((ns.config, ns.overrides)) or 0)
+    config, overrides = "run.yaml", ["training.max_steps=3", "rlhf.beta=0.5"]
+    arguments = {
+        "positional": [config, *overrides],
+        "option": ["--config", config, *overrides],
+        "option last": [*overrides, "--config", config],
+    }[form]
+    assert main([command, *extra_options(command, tmp_path), *arguments]) == 0
+    assert seen == [(config, overrides)]
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["a.yaml", "--config", "b.yaml"],
+            "the config file is given twice (a.yaml and --config b.yaml): give one",
+        ),
+        (
+            ["--config", "b.yaml", "a.yml", "x.y=1"],
+            "the config file is given twice (a.yml and --config b.yaml)",
+        ),
+        ([], "a config file is required: FILE or --config FILE"),
+        (["training.max_steps=3"], "a config file is required: FILE or --config FILE"),
+    ],
+)
+def test_config_given_twice_or_not_at_all_is_a_usage_error(
+    monkeypatch, capsys, tmp_path, command, arguments, message
+):
+    import anchorkd.cli as cli
+
+    monkeypatch.setattr(cli, f"_cmd_{command.replace('-', '_')}", lambda ns: pytest.fail("the command ran"))
+    with pytest.raises(SystemExit) as exited:
+        main([command, *extra_options(command, tmp_path), *arguments])
+    _, err = capsys.readouterr()
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert f"usage: anchorkd {command} [options] (FILE | --config FILE)" in err
+    assert f"anchorkd {command}: error: {message}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_with_the_config_option_reads_the_same_config(in_demo_workdir, capsys):
+    before = runs_snapshot(in_demo_workdir)
+    assert main(["validate", "--config", str(DEMO_STAGE_2), "training.max_steps=7"]) == 0
+    out, _ = capsys.readouterr()
+    assert f"{DEMO_STAGE_2}: OK (sft, SftArguments)" in out
+    # beside --config, an argument that is no config file stays an override and is checked as one
+    assert main(["validate", "--config", str(DEMO_STAGE_2), "novalue"]) == EXIT_BAD_INPUT
+    assert "'novalue' must look like section.key=value" in capsys.readouterr().err
     assert runs_snapshot(in_demo_workdir) == before

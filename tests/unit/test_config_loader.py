@@ -513,7 +513,7 @@ def test_ms_swift_rejection_removes_the_output_dir_it_created(tmp_path, gkd, cle
     gkd["rlhf"]["gkd_logits_topk"] = 0
     with pytest.raises(ConfigError) as info:
         ConfigLoader.load_training_config(write_config(tmp_path, gkd))
-    assert info.value.key_path == "<ms-swift>"
+    assert info.value.key_path == "rlhf.gkd_logits_topk"  # the key ms-swift's message names
     assert "gkd_logits_topk must be a positive integer" in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -589,14 +589,14 @@ def test_fp16_is_off_without_a_gpu_unless_the_config_sets_it(
 
 def test_deepspeed_without_a_gpu_needs_a_mapping_accelerator_config(tmp_path, sft, monkeypatch, clean_tb_env):
     """Without a GPU anchorkd adds ``use_configured_state`` to ``training.accelerator_config`` (see
-    ``swift_seam.start_cpu_deepspeed_state``); a file path there cannot be extended: refused, nothing written."""
+    ``swift_seam.start_cpu_deepspeed_state``); a file path there cannot be extended: refused with the other
+    rules (before the gloo state starts), nothing written."""
     from anchorkd.config.rules import LaunchEnvironment
 
     monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(1, False)))
     sft["training"].update({"deepspeed": "zero3", "accelerator_config": "accelerator.json"})
-    config = ConfigLoader.resolve(write_config(tmp_path, sft), check_files=False)
     with pytest.raises(ConfigError) as info:
-        ConfigLoader.build_settings(config)
+        ConfigLoader.resolve(write_config(tmp_path, sft))
     assert info.value.key_path == "training.accelerator_config"
     assert not (tmp_path / "out").exists()
 

@@ -10,7 +10,15 @@ import pytest
 import yaml
 
 from anchorkd.cli import EXIT_BAD_INPUT, main
-from anchorkd.config import COMMAND_LINE, ConfigError, ConfigErrors, ConfigLoader, rules
+from anchorkd.config import (
+    COMMAND_LINE,
+    AnchorRlhfKnobs,
+    ConfigError,
+    ConfigErrors,
+    ConfigLoader,
+    CustomConfig,
+    rules,
+)
 from anchorkd.config.rules import NUMERIC_RANGES, RULES
 
 
@@ -66,12 +74,18 @@ BAD_VALUES = {
     "training.num_train_epochs": 0,
     "training.max_steps": 0,
     "training.warmup_ratio": 1.5,
+    "training.adam_epsilon": float("nan"),  # passes torch's own check and turns the weights into NaN
+    "training.adam_beta1": 1.0,
+    "training.adam_beta2": -0.1,
     "training.weight_decay": -0.1,
     "training.max_grad_norm": -1.0,
     "training.logging_steps": 0,
     "training.save_steps": -5,
     "training.eval_steps": 0,
     "template.max_length": 0,
+    "template.max_pixels": -5,  # the data check's image resizing took a square root of it
+    "rlhf.steps_per_generation": 0,
+    "rlhf.generation_batch_size": 0,
 }
 
 
@@ -88,10 +102,28 @@ def test_numeric_range_names_the_key_and_the_rule(tmp_path, gkd, numeric):
     assert f"must be {numeric.rule}, got {BAD_VALUES[numeric.key_path]!r}" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("key_path", "value"),
+    [
+        ("training.adam_epsilon", float("inf")),
+        ("training.weight_decay", float("nan")),
+        ("training.max_grad_norm", float("inf")),
+        ("training.adam_beta2", float("nan")),
+    ],
+)
+def test_non_finite_optimiser_knobs_are_refused(tmp_path, gkd, key_path, value):
+    section, key = key_path.split(".")
+    gkd[section][key] = value
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == key_path and f"got {value!r}" in str(error)
+
+
 def test_values_inside_the_ranges_pass(tmp_path, gkd):
     gkd["rlhf"].update({"sft_alpha": 0, "beta": 1, "lmbda": 1, "temperature": 0.5})
     gkd["tuner"].update({"lora_rank": 1, "lora_dropout": 0.0})
     gkd["training"].update({"max_steps": -1, "learning_rate": 1e-6, "warmup_ratio": 0})
+    gkd["training"].update({"adam_epsilon": 1e-8, "adam_beta1": 0, "adam_beta2": 0.999, "max_grad_norm": 0})
+    gkd["template"] = {"max_pixels": 1}
     config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
     assert config.mode == "gkd"
 
@@ -214,6 +246,17 @@ def test_infer_backend_must_be_installed(tmp_path, gkd, monkeypatch):
     assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).seq_kd is False
 
 
+def test_seq_kd_with_every_batch_on_policy_is_refused(tmp_path, gkd):
+    """lmbda is the chance a batch is the student's own samples: at 1 the teacher's answers never train."""
+    gkd["rlhf"].update({"seq_kd": True, "lmbda": 1})
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.seq_kd" and "has no effect with rlhf.lmbda: 1" in str(error)
+    gkd["rlhf"]["lmbda"] = 0.9  # some batches are the teacher's answers
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).seq_kd is True
+    gkd["rlhf"].update({"seq_kd": False, "lmbda": 1})  # fully on-policy GKD without seq_kd is fine
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+
+
 @pytest.mark.parametrize(
     ("values", "key_path", "words"),
     [
@@ -318,6 +361,81 @@ def test_anchor_prompts_need_a_teacher(tmp_path, gkd):
     assert error.key_path == "rlhf.teacher_model" and "custom.anchor.dataset is set" in str(error)
 
 
+def test_an_anchor_ratio_that_rounds_to_no_row_is_refused(tmp_path, gkd):
+    # batch 1 and accumulation 1: a generation buffer holds one data-set row, and 0.1 of it rounds to no
+    # anchor row. The rule derives the buffer as ms-swift does, so it runs with the other rules.
+    gkd["custom"]["anchor"] = {**ANCHOR, "ratio": 0.1}
+    gkd["training"].update({"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1})
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.anchor.ratio"
+    assert "0.1 of a step of 1 data-set rows per rank rounds to no anchor row" in str(error)
+    gkd["training"]["gradient_accumulation_steps"] = 4
+    gkd["custom"]["anchor"]["ratio"] = 0.25  # 4 rows: round(1.33) = 1 anchor row
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).custom.anchor.active
+
+
+@pytest.mark.parametrize(
+    ("training", "rlhf", "rows"),
+    [
+        ({"per_device_train_batch_size": 1}, {}, 16),  # accumulation: ceil(16 / 1 / 1 process)
+        ({"per_device_train_batch_size": 3}, {}, 18),  # ceil(16 / 3) = 6 steps of 3 rows
+        ({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}, {}, 8),
+        (
+            {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1},
+            {"steps_per_generation": 3},
+            6,
+        ),
+        ({"per_device_train_batch_size": 2}, {"generation_batch_size": 8}, 8),
+    ],
+)
+def test_rows_per_generation_buffer_equals_ms_swifts_own(tmp_path, gkd, training, rlhf, rows, clean_tb_env):
+    """The rule's derivation against the value ms-swift derives when it builds the arguments."""
+    from anchorkd.config.rules import ConfigDraft, LaunchEnvironment, rows_per_generation_buffer
+    from anchorkd.swift_seam import rows_per_generation_buffer as swift_rows
+
+    gkd["training"].update(training)
+    gkd["rlhf"].update(rlhf)
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    draft = ConfigDraft(config.sections, config.custom, AnchorRlhfKnobs(), LaunchEnvironment(1, False))
+    settings = ConfigLoader.build_settings(config, create_output_dir=False)
+    assert rows_per_generation_buffer(draft) == swift_rows(settings.train_args.training_args) == rows
+
+
+def test_rows_per_generation_buffer_counts_the_processes(tmp_path, gkd):
+    from anchorkd.config.rules import ConfigDraft, LaunchEnvironment, rows_per_generation_buffer
+
+    def rows(training: dict, rlhf: dict) -> int:
+        sections = {**gkd, "training": training, "rlhf": rlhf, "template": {}, "data": {}}
+        return rows_per_generation_buffer(
+            ConfigDraft(sections, CustomConfig(), AnchorRlhfKnobs(), LaunchEnvironment(2, False))
+        )
+
+    assert rows({"per_device_train_batch_size": 2}, {}) == 8  # ceil(16 / 2 / 2) = 4 steps of 2 rows
+    assert rows({"per_device_train_batch_size": 2}, {"generation_batch_size": 8}) == 4  # 8 over 2 ranks
+
+
+@pytest.mark.parametrize(
+    ("training", "rlhf", "words"),
+    [
+        (
+            {"per_device_train_batch_size": 3},
+            {"generation_batch_size": 8},
+            "8 is not a multiple of the global",
+        ),
+        (
+            {"per_device_train_batch_size": 2},
+            {"generation_batch_size": 8, "steps_per_generation": 3},
+            "x rlhf.steps_per_generation 3: give only one of the two",
+        ),
+    ],
+)
+def test_generation_batch_fits_the_global_batch(tmp_path, gkd, training, rlhf, words):
+    gkd["training"].update(training)
+    gkd["rlhf"].update(rlhf)
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.generation_batch_size" and words in str(error)
+
+
 def test_anchor_prompts_generate_with_at_most_one_teacher_adapter(tmp_path, gkd):
     gkd["rlhf"]["teacher_adapters"] = ["/a", "/b"]
     gkd["custom"]["anchor"] = ANCHOR
@@ -400,6 +518,100 @@ def test_fsdp_without_a_gpu_is_refused(tmp_path, gkd, monkeypatch, world_size):
     assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).sections["training"]["fsdp"]
 
 
+def test_cpu_deepspeed_accelerator_config_is_a_mapping(tmp_path, gkd, monkeypatch):
+    from anchorkd.config.rules import LaunchEnvironment
+
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(1, False)))
+    gkd["training"].update({"deepspeed": "zero2", "accelerator_config": "accelerate.json"})
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "training.accelerator_config" and "must be a mapping for DeepSpeed" in str(error)
+    gkd["training"]["accelerator_config"] = {"dispatch_batches": False}
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+    # With a GPU anchorkd adds nothing to it, and transformers reads the JSON file itself.
+    monkeypatch.setattr(LaunchEnvironment, "detect", classmethod(lambda cls: cls(1, True)))
+    gkd["training"]["accelerator_config"] = "accelerate.json"
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("zero9", "'zero9' is neither one of ms-swift's presets (zero0, zero1"),
+        ("./ds_config.json", "nor an existing JSON file"),
+        ("BROKEN_FILE", "is not a readable JSON file"),
+        ('{"train_batch_size": 4', "is not valid JSON"),
+        ('{"train_batch_size": 4}', "has no zero_optimization section"),
+        ({"train_batch_size": 4}, "has no zero_optimization section"),
+    ],
+)
+def test_deepspeed_config_is_readable(tmp_path, gkd, value, words):
+    if value == "BROKEN_FILE":
+        value = str(tmp_path / "ds.json")
+        Path(value).write_text("{zero_optimization: }")
+    gkd["training"]["deepspeed"] = value
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "training.deepspeed" and words in str(error)
+
+
+def test_deepspeed_presets_files_and_the_teachers_config_pass(tmp_path, gkd):
+    import swift
+
+    # The preset names are ms-swift's: each is a file of its config folder.
+    from anchorkd.config.rules import DEEPSPEED_PRESETS
+
+    assert all(
+        (Path(swift.__file__).parent / "config" / f"{name}.json").is_file() for name in DEEPSPEED_PRESETS
+    )
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    for value in ("zero3", str(ds), {"zero_optimization": {"stage": 3}}):
+        gkd["training"]["deepspeed"] = value
+        assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+    gkd["rlhf"]["teacher_deepspeed"] = "zero4"
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "rlhf.teacher_deepspeed" and "neither one of ms-swift's presets" in str(error)
+
+
+# --- values ms-swift and transformers check only when they build the arguments -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value", "words"),
+    [
+        ("training.optim", "adamw_bogus", "unknown value 'adamw_bogus' (did you mean adamw_"),
+        ("training.lr_scheduler_type", "cosine_bogus", "unknown value 'cosine_bogus'"),
+        ("training.save_strategy", "sometimes", "valid: best, epoch, no, steps"),
+        ("template.template", "qwen3_vll", "did you mean qwen3_vl?"),
+        ("tuner.tuner_type", "lorra", "did you mean lora?"),
+    ],
+)
+def test_a_name_the_engine_does_not_know_names_its_key(tmp_path, gkd, key_path, value, words):
+    section, key = key_path.split(".")
+    gkd.setdefault(section, {})[key] = value
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == key_path and words in str(error)
+
+
+def test_names_from_ms_swift_plugins_are_left_to_ms_swift(tmp_path, gkd):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("# registers a template and a tuner\n")
+    gkd["template"] = {"template": "my_template"}
+    gkd["training"].update({"external_plugins": [str(plugin)], "optim": "adamw_bogus"})
+    # Template names can come from the plugin; transformers' optimiser names cannot.
+    assert only_error(tmp_path, gkd).key_path == "training.optim"
+    gkd["training"]["optim"] = "adamw_torch"
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
+
+
+@pytest.mark.parametrize("key", ["kd_spike_factor", "kd_spike_min_threshold", "sft_regression_tolerance"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "inf"])
+def test_an_alert_threshold_that_switches_its_alert_off_is_refused(tmp_path, gkd, key, value):
+    gkd["custom"]["monitor"] = {key: value}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == f"custom.monitor.{key}"
+    assert "must be a finite number" in str(error) and "custom.monitor.enabled: false" in str(error)
+
+
 def test_every_rule_is_exercised_by_a_test_here():
     source = Path(__file__).read_text()
     named = {
@@ -414,15 +626,20 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_seq_kd_needs_local_teacher": "test_seq_kd_needs_a_local_teacher",
         "rule_seq_kd_teacher_adapters": "test_seq_kd_teacher_adapters",
         "rule_seq_kd_needs_local_jsonl": "test_seq_kd_needs_local_jsonl",
+        "rule_seq_kd_needs_dataset_batches": "test_seq_kd_with_every_batch_on_policy_is_refused",
         "rule_infer_backend_installed": "test_infer_backend_must_be_installed",
         "rule_anchor_needs_gkd": "test_anchor_needs_gkd",
         "rule_anchor_needs_gkd_monitor": "test_anchor_needs_gkd_monitor",
         "rule_anchor_needs_local_jsonl": "test_anchor_needs_local_jsonl",
         "rule_anchor_needs_padded_batches": "test_anchor_needs_padded_batches",
+        "rule_anchor_ratio_gives_a_row": "test_an_anchor_ratio_that_rounds_to_no_row_is_refused",
+        "rule_generation_batch_fits_the_global_batch": "test_generation_batch_fits_the_global_batch",
         "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
         "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
         "rule_cpu_data_parallel_needs_use_cpu": "test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused",
         "rule_fsdp_needs_a_gpu": "test_fsdp_without_a_gpu_is_refused",
+        "rule_cpu_deepspeed_accelerator_config_is_a_mapping": "test_cpu_deepspeed_accelerator_config_is_a_mapping",
+        "rule_deepspeed_config_is_readable": "test_deepspeed_config_is_readable",
         "rule_no_teacher_server_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_topk_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
         "rule_no_liger_with_gkd_monitor": "test_unsupported_with_gkd_monitor_is_refused_before_loading",
@@ -470,25 +687,3 @@ def test_train_refuses_before_writing_anything(tmp_path, gkd, capsys, override, 
     )
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
-
-
-def test_an_anchor_ratio_that_rounds_to_no_row_is_refused_by_validate_and_writes_nothing(
-    tmp_path, gkd, clean_tb_env
-):
-    # batch 1 and accumulation 1: a step holds one data-set row, and 0.1 of it rounds to no anchor row;
-    # ms-swift derives steps_per_generation in its constructor, so the rule runs on the built arguments.
-    gkd["custom"]["anchor"] = {**ANCHOR, "ratio": 0.1}
-    gkd["training"].update({"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1})
-    path = write_config(tmp_path, gkd)
-    config = ConfigLoader.resolve(path, check_files=False)
-    for create_output_dir in (False, True):
-        with pytest.raises(ConfigError) as info:
-            ConfigLoader.build_settings(config, create_output_dir=create_output_dir)
-        assert info.value.key_path == "custom.anchor.ratio" and "rounds to no anchor row" in str(info.value)
-    assert not (tmp_path / "out").exists()
-    gkd["training"]["gradient_accumulation_steps"] = 4
-    gkd["custom"]["anchor"]["ratio"] = 0.25  # 4 rows: round(1.33) = 1 anchor row
-    settings = ConfigLoader.build_settings(
-        ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False), create_output_dir=False
-    )
-    assert settings.anchor.anchor_prompts_active

@@ -182,6 +182,69 @@ def test_invalid_yaml_in_an_extended_file_names_that_file(tmp_path):
     assert f"{parent.resolve()}:2" in str(info.value)
 
 
+# --- a key written twice -------------------------------------------------------------------------------
+
+
+def test_a_key_written_twice_names_the_key_path_file_and_both_lines(tmp_path):
+    # The probe that found it: the second llm_kd_weight (0.0) silently made a GKD config plain SFT.
+    path = write(
+        tmp_path / "run.yaml",
+        "rlhf:\n  rlhf_type: gkd\n  llm_kd_weight: 1.0\n  beta: 0.1\n  llm_kd_weight: 0.0\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        read_yaml_mapping(path)
+    assert info.value.key_path == "rlhf.llm_kd_weight"
+    assert info.value.source == f"{path}:5"
+    assert str(info.value) == (
+        f"rlhf.llm_kd_weight (in {path}:5): written twice in one mapping (lines 3 and 5); "
+        "YAML would keep only the second value: keep one"
+    )
+
+
+def test_a_section_written_twice_is_refused(tmp_path):
+    text = "training:\n  seed: 1\nrlhf:\n  beta: 0.1\ntraining:\n  learning_rate: 0.1\n"
+    path = write(tmp_path / "run.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        read_yaml_mapping(path)
+    assert info.value.key_path == "training"
+    assert "(lines 1 and 5); YAML would keep only the second block: write all its keys in one" in str(
+        info.value
+    )
+
+
+def test_a_key_written_twice_in_an_extended_file_names_that_file(tmp_path):
+    parent = write(tmp_path / "base.yaml", "custom:\n  visual_kd:\n    weight: 1.0\n    weight: 2.0\n")
+    child = write(tmp_path / "run.yaml", {"extends": "base.yaml", "training": {"seed": 1}})
+    with pytest.raises(ConfigError) as info:
+        load_yaml_with_extends(child)
+    assert info.value.key_path == "custom.visual_kd.weight"
+    assert info.value.source == f"{parent.resolve()}:4"
+
+
+def test_a_key_written_twice_in_a_list_item_or_an_override_is_refused(tmp_path):
+    path = write(tmp_path / "run.yaml", "data:\n  columns:\n    - {a: 1, a: 2}\n")
+    with pytest.raises(ConfigError) as info:
+        read_yaml_mapping(path)
+    assert info.value.key_path == "data.columns[0].a" and "(line 3)" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        parse_override("custom.visual_kd={weight: 1, weight: 2}")
+    assert info.value.key_path == "custom.visual_kd.weight"
+
+
+def test_one_key_in_several_mappings_overlays_and_merge_keys_are_not_repeats(tmp_path):
+    text = (
+        "base: &base {seed: 1, learning_rate: 0.1}\n"
+        "training:\n  <<: *base\n  learning_rate: 0.2\n"  # a merge key's value, then replaced
+        "rlhf:\n  beta: 0.1\ncustom:\n  visual_kd: {weight: 0.0}\n  anchor: {weight: 1.0}\n"
+    )
+    data = read_yaml_mapping(write(tmp_path / "run.yaml", text))
+    assert data["training"] == {"seed": 1, "learning_rate": 0.2}
+    assert data["custom"] == {"visual_kd": {"weight": 0.0}, "anchor": {"weight": 1.0}}
+    write(tmp_path / "parent.yaml", {"training": {"seed": 1}})
+    child = write(tmp_path / "child.yaml", {"extends": "parent.yaml", "training": {"seed": 2}})
+    assert load_yaml_with_extends(child)[0] == {"training": {"seed": 2}}  # an overlay sets a key again
+
+
 @pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("just text\n", "str"), ("3\n", "int")])
 def test_config_root_must_be_a_mapping(tmp_path, text, kind):
     path = write(tmp_path / "root.yaml", text)

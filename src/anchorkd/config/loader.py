@@ -4,7 +4,8 @@ Order of work, so that nothing is written and no model is loaded for a config th
 1. read the file and its ``extends`` chain, apply ``a.b=value`` overrides;
 2. check sections and keys (ms-swift keys against ms-swift's dataclasses, ours with pydantic);
 3. every rule of ``rules.RULES`` (ranges, teacher required for KD, unsupported combinations, ...);
-4. derive the run mode; check that model/teacher/adapter checkpoints exist;
+4. derive the run mode; check that model/teacher/adapter checkpoints exist and that the output folders
+   can be written (without creating them);
 5. only then construct ``SftArguments`` / ``RLHFArguments`` (which creates the output dir), with
    ``rlhf.llm_kd_weight`` popped before the constructor and re-attached with ``setattr`` (a mirror for
    ms-swift users; anchorkd itself reads ``RunSettings.anchor``).
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -114,6 +115,7 @@ class ConfigLoader:
             config = _derive(draft, sources, origins.overridden)
             if check_files:
                 _check_checkpoints(config)
+                _check_output_folders(config)
                 config = with_resume(config)
         return config
 
@@ -152,9 +154,7 @@ class ConfigLoader:
             try:
                 with tempfile.TemporaryDirectory(prefix="anchorkd-validate-") as scratch:
                     train_args = _construct(
-                        args_cls,
-                        {**kwargs, "output_dir": scratch, "add_version": False},
-                        check=functools.partial(_check_derived, config),
+                        args_cls, {**kwargs, "output_dir": scratch, "add_version": False}, config
                     )
             finally:
                 for name, value in saved_env.items():
@@ -163,7 +163,7 @@ class ConfigLoader:
                     else:
                         os.environ[name] = value
         else:
-            train_args = _construct(args_cls, kwargs, check=functools.partial(_check_derived, config))
+            train_args = _construct(args_cls, kwargs, config)
         teacher_mode = _settle_teacher_mode(train_args, config)
         _mirror_llm_kd_weight(train_args, config.llm_kd_weight)
         return RunSettings(config, train_args, AnchorSettings.from_config(config, teacher_mode))
@@ -293,12 +293,14 @@ def _check_swift_keys(sections: dict[str, dict], args_cls) -> None:
     # ``rlhf`` keys are RLHFArguments fields whatever the run: type-check them there, so that an rlhf key
     # without rlhf.rlhf_type reaches the rule that says so instead of "not an argument of SftArguments".
     rlhf_cls = _args_cls(True)
+    plugins = any(sections[s].get(k) for s in swift_keys.SWIFT_SECTIONS for k in swift_keys.PLUGIN_KEYS)
     for section in swift_keys.SWIFT_SECTIONS:
         section_cls = rlhf_cls if section == "rlhf" else args_cls
         for key, value in list(sections[section].items()):
             try:
                 swift_keys.check_section_key(section, key)
                 sections[section][key] = swift_keys.coerce_swift_value(section_cls, section, key, value)
+                swift_keys.check_choice(section, key, sections[section][key], plugins=plugins)
             except ConfigError as err:
                 errors.append(err)
     if not sections["model"].get("model"):
@@ -354,6 +356,35 @@ def _check_checkpoints(config: ResolvedConfig) -> None:
             )
 
 
+# ms-swift's output root when training.output_dir is not set (it adds a folder named after the model).
+SWIFT_OUTPUT_ROOT = "output"
+
+
+def _check_output_folders(config: ResolvedConfig) -> None:
+    """The folders a run writes: each is a folder this user can write to, or can be created as one. Checked
+    without creating anything (``anchorkd validate`` writes nothing)."""
+    _check_writable_folder(
+        "training.output_dir", config.sections["training"].get("output_dir") or SWIFT_OUTPUT_ROOT
+    )
+    cache_dir = config.custom.teacher_targets.cache_dir
+    if config.mode == "gkd" and (config.seq_kd or config.custom.anchor.active) and cache_dir:
+        _check_writable_folder("custom.teacher_targets.cache_dir", cache_dir)
+
+
+def _check_writable_folder(key_path: str, value: str) -> None:
+    path = Path(value).expanduser().absolute()
+    if os.path.lexists(path) and not path.is_dir():
+        raise ConfigError(key_path, f"{path} exists and is not a folder")
+    existing = path
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key_path, f"cannot create {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise ConfigError(key_path, f"{path} {where} by this user")
+
+
 def uses_only_local_paths(config: ResolvedConfig) -> bool:
     refs = [config.sections["model"].get("model")]
     if config.mode == "gkd":
@@ -383,54 +414,63 @@ def _apply_cpu_engine_settings(launch: LaunchEnvironment, kwargs: dict, start_en
         return
     kwargs.update(cpu_mixed_precision(kwargs))
     if kwargs.get("deepspeed") and start_engine:
-        accelerator_config = kwargs.get("accelerator_config")
-        if accelerator_config is not None and not isinstance(accelerator_config, dict):
-            raise ConfigError("training.accelerator_config", "must be a mapping for DeepSpeed without a GPU")
-        kwargs.update(start_cpu_deepspeed_state(accelerator_config))
+        # A mapping or None (rules.rule_cpu_deepspeed_accelerator_config_is_a_mapping).
+        kwargs.update(start_cpu_deepspeed_state(kwargs.get("accelerator_config")))
 
 
 # --- construction -----------------------------------------------------------------------------------
 
 
-def _check_derived(config: ResolvedConfig, train_args) -> None:
-    """Rules on values ms-swift derives in its constructor (known before any model loads)."""
-    anchor = config.custom.anchor
-    if config.mode != "gkd" or not anchor.active:
-        return
-    from ..swift_seam import rows_per_generation_buffer
-    from .schema import anchor_rows_for
-
-    rows = rows_per_generation_buffer(train_args.training_args)
-    if anchor_rows_for(rows, anchor.ratio) < 1:
-        raise ConfigError(
-            "custom.anchor.ratio",
-            f"{anchor.ratio} of a step of {rows} data-set rows per rank rounds to no anchor row: raise the "
-            "ratio, training.per_device_train_batch_size or training.gradient_accumulation_steps",
-        )
-
-
-def _construct(args_cls, kwargs: dict, check=None):
-    """Build the ms-swift arguments and run ``check`` on them (rules that need ms-swift's derived values);
-    if either fails, remove the output dir the constructor may have created."""
+def _construct(args_cls, kwargs: dict, config: ResolvedConfig):
+    """Build the ms-swift arguments; if that fails, remove the output dir the constructor may have created
+    and name the key the refusal is about."""
     if "llm_kd_weight" in kwargs:  # ms-swift constructors must never see our knob
         raise AssertionError("llm_kd_weight must be popped before constructing ms-swift arguments")
     output_dir = kwargs.get("output_dir")
     existed = bool(output_dir) and Path(output_dir).exists()
     before = set(os.listdir(output_dir)) if existed else set()
     try:
-        train_args = args_cls(**kwargs)
-        if check is not None:
-            check(train_args)
-        return train_args
+        return args_cls(**kwargs)
     except ConfigError:
         _remove_created(output_dir, existed, before)
         raise
-    except (ValueError, TypeError, AssertionError, NotImplementedError) as exc:
+    except (ValueError, TypeError, AssertionError, NotImplementedError, KeyError) as exc:
         _remove_created(output_dir, existed, before)
-        raise ConfigError("<ms-swift>", f"ms-swift rejected the arguments: {exc}") from exc
+        raise _swift_refusal(exc, config) from exc
     except BaseException:
         _remove_created(output_dir, existed, before)
         raise
+
+
+def _swift_refusal(exc: BaseException, config: ResolvedConfig) -> ConfigError:
+    """ms-swift's (or transformers') refusal of a value the rules do not cover, attributed to the key it is
+    about: the one key whose value the message quotes (``'bogus' is not ...``), else the one key it names
+    (``--deepspeed``, `` `max_length` ``, ``deepspeed_autotp_size``). A refusal that points at no single
+    key of the config is reported against the ms-swift part of the config as a whole."""
+    message = str(exc) or type(exc).__name__
+    quoted, named = [], []
+    for section in swift_keys.SWIFT_SECTIONS:
+        for key, value in config.sections.get(section, {}).items():
+            if key in swift_keys.ANCHORKD_RLHF_KEYS:
+                continue
+            if isinstance(value, str) and value and _quotes(message, value):
+                quoted.append(f"{section}.{key}")
+            if _names(message, key):
+                named.append(f"{section}.{key}")
+    for candidates in (quoted, named):
+        if len(candidates) == 1:
+            return ConfigError(candidates[0], f"ms-swift refused it: {message}")
+    return ConfigError("(ms-swift arguments)", f"ms-swift refused the arguments of this config: {message}")
+
+
+def _quotes(message: str, value: str) -> bool:
+    return any(f"{q}{value}{q}" in message for q in "'\"`") or message.startswith(f"{value} is not")
+
+
+def _names(message: str, key: str) -> bool:
+    if "_" in key:  # a name of its own, unlike "model" or "template"
+        return re.search(rf"(?<![\w]){re.escape(key)}(?!\w)", message) is not None
+    return f"--{key}" in message or f"`{key}`" in message
 
 
 def _remove_created(output_dir: str | None, existed: bool, before: set[str]) -> None:

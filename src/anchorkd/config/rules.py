@@ -10,13 +10,15 @@ are validators of the pydantic schema in ``schema.py``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 from ..errors import ConfigError
 from ..swift_seam import infer_backend_installed
-from .schema import AnchorRlhfKnobs, CustomConfig
-from .swift_keys import ANCHORKD_RLHF_KEYS
+from .schema import AnchorRlhfKnobs, CustomConfig, anchor_rows_for
+from .swift_keys import ANCHORKD_RLHF_KEYS, default_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +30,18 @@ class LaunchEnvironment:
 
     @classmethod
     def detect(cls) -> LaunchEnvironment:
+        """torchrun's WORLD_SIZE in a worker; before the relaunch (ms-swift's NPROC_PER_NODE / NNODES set, no
+        worker yet), the processes that relaunch will start, so that the launching process checks the run
+        the workers will make."""
         import os
 
         import torch
 
-        return cls(int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available())
+        world_size = os.environ.get("WORLD_SIZE")
+        if world_size is None and (os.environ.get("NPROC_PER_NODE") or os.environ.get("NNODES")):
+            per_node = int(os.environ.get("NPROC_PER_NODE") or 1)
+            world_size = per_node * int(os.environ.get("NNODES") or 1)
+        return cls(int(world_size or 1), torch.cuda.is_available())
 
     @property
     def cpu_data_parallel(self) -> bool:
@@ -133,12 +142,22 @@ NUMERIC_RANGES = (
     NumericRange("training.num_train_epochs", _positive, "> 0"),
     NumericRange("training.max_steps", lambda v: v == -1 or v >= 1, ">= 1 (or -1: use num_train_epochs)"),
     NumericRange("training.warmup_ratio", _unit_interval, "in [0, 1]"),
+    # The optimiser's own knobs: torch checks them only when the optimiser is built (after the model loads),
+    # and a NaN passes its checks and turns every weight into NaN at the first step.
+    NumericRange(
+        "training.adam_epsilon", _positive, "> 0 (it keeps Adam's step finite where a gradient is 0)"
+    ),
+    NumericRange("training.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    NumericRange("training.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     NumericRange("training.weight_decay", _non_negative, ">= 0"),
-    NumericRange("training.max_grad_norm", _non_negative, ">= 0"),
+    NumericRange("training.max_grad_norm", _non_negative, ">= 0 (0: no clipping)"),
     NumericRange("training.logging_steps", _positive, "> 0"),
     NumericRange("training.save_steps", _positive, "> 0"),
     NumericRange("training.eval_steps", _positive, "> 0"),
     NumericRange("template.max_length", _at_least_one, ">= 1"),
+    NumericRange("template.max_pixels", _at_least_one, ">= 1 (pixels of an image after resizing)"),
+    NumericRange("rlhf.steps_per_generation", _at_least_one, ">= 1"),
+    NumericRange("rlhf.generation_batch_size", _at_least_one, ">= 1"),
 )
 
 
@@ -299,6 +318,18 @@ def rule_infer_backend_installed(draft: ConfigDraft) -> None:
         )
 
 
+def rule_seq_kd_needs_dataset_batches(draft: ConfigDraft) -> None:
+    """``rlhf.lmbda`` is the probability that a batch is the student's own samples; at 1 every batch is, so
+    the teacher's answers that seq_kd writes before training would never be trained on."""
+    if draft.knobs.seq_kd and draft.is_gkd and draft.rlhf.get("lmbda") == 1:
+        raise ConfigError(
+            "rlhf.seq_kd",
+            "has no effect with rlhf.lmbda: 1: every batch is then the student's own samples, so the "
+            "teacher's answers are never trained on. Lower rlhf.lmbda (0: always the teacher's answers), "
+            "or remove rlhf.seq_kd",
+        )
+
+
 # --- KD-only anchor prompts (custom.anchor) ----------------------------------------------------------------
 
 
@@ -348,6 +379,77 @@ def rule_anchor_needs_padded_batches(draft: ConfigDraft) -> None:
             )
 
 
+def rule_anchor_ratio_gives_a_row(draft: ConfigDraft) -> None:
+    """Each generation buffer gets ``anchor_rows_for(rows, ratio)`` anchor rows; a ratio that rounds to none
+    would train without anchor prompts."""
+    if not (draft.is_gkd and draft.anchor_requested):
+        return
+    rows = rows_per_generation_buffer(draft)
+    ratio = draft.custom.anchor.ratio
+    if rows is not None and anchor_rows_for(rows, ratio) < 1:
+        raise ConfigError(
+            "custom.anchor.ratio",
+            f"{ratio} of a step of {rows} data-set rows per rank rounds to no anchor row: raise the ratio, "
+            "training.per_device_train_batch_size or training.gradient_accumulation_steps",
+        )
+
+
+# --- values ms-swift derives when it builds the arguments ------------------------------------------------
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def rows_per_generation_buffer(draft: ConfigDraft) -> int | None:
+    """Data-set rows one rank encodes per GKD generation buffer: the per-device batch times
+    ``steps_per_generation``, derived as ms-swift derives them when it builds the arguments
+    (``swift_seam.rows_per_generation_buffer`` reads ms-swift's own values; a unit test keeps the two equal):
+    gradient accumulation defaults to ceil(16 / batch / processes), steps_per_generation to the gradient
+    accumulation, and a ``generation_batch_size`` is divided by the global batch. None while a value it
+    needs breaks its own range (that rule reports it)."""
+    training, rlhf = draft.sections["training"], draft.rlhf
+    batch = training.get("per_device_train_batch_size", default_value("per_device_train_batch_size"))
+    accumulation = training.get("gradient_accumulation_steps")
+    steps, generation_batch = rlhf.get("steps_per_generation"), rlhf.get("generation_batch_size")
+    if not _positive_int(batch) or not all(
+        v is None or _positive_int(v) for v in (accumulation, steps, generation_batch)
+    ):
+        return None
+    world_size = draft.launch.world_size
+    if steps is None and generation_batch is None:
+        steps = accumulation or max(1, math.ceil(16 / batch / world_size))
+    elif steps is None:
+        steps = generation_batch // (batch * world_size)
+    return batch * steps
+
+
+def rule_generation_batch_fits_the_global_batch(draft: ConfigDraft) -> None:
+    """``rlhf.generation_batch_size`` counts rows over all processes: a whole number of global batches, and
+    ``steps_per_generation`` of them when both are given."""
+    generation_batch = draft.rlhf.get("generation_batch_size")
+    batch = draft.sections["training"].get(
+        "per_device_train_batch_size", default_value("per_device_train_batch_size")
+    )
+    steps = draft.rlhf.get("steps_per_generation")
+    if not (draft.is_gkd and _positive_int(generation_batch) and _positive_int(batch)):
+        return
+    world_size = draft.launch.world_size
+    global_batch = batch * world_size
+    explain = f"training.per_device_train_batch_size {batch} x {world_size} process(es) = {global_batch}"
+    if steps is None and generation_batch % global_batch:
+        raise ConfigError(
+            "rlhf.generation_batch_size",
+            f"{generation_batch} is not a multiple of the global batch ({explain})",
+        )
+    if _positive_int(steps) and generation_batch != global_batch * steps:
+        raise ConfigError(
+            "rlhf.generation_batch_size",
+            f"{generation_batch} is not the global batch ({explain}) x rlhf.steps_per_generation {steps}: "
+            "give only one of the two",
+        )
+
+
 # --- processes and devices ----------------------------------------------------------------------------
 
 
@@ -372,6 +474,65 @@ def rule_fsdp_needs_a_gpu(draft: ConfigDraft) -> None:
             "(as plain DDP). Remove training.fsdp here, or use DeepSpeed (training.deepspeed: zero2 / "
             "zero3), which runs on the CPU",
         )
+
+
+def rule_cpu_deepspeed_accelerator_config_is_a_mapping(draft: ConfigDraft) -> None:
+    """Without a GPU anchorkd starts the gloo state DeepSpeed needs and adds ``use_configured_state`` to
+    ``accelerator_config`` (``swift_seam.start_cpu_deepspeed_state``): a JSON file path cannot take it."""
+    training = draft.sections["training"]
+    value = training.get("accelerator_config")
+    on_cpu_deepspeed = training.get("deepspeed") and not draft.launch.has_accelerator
+    if on_cpu_deepspeed and value is not None and not isinstance(value, dict):
+        raise ConfigError(
+            "training.accelerator_config",
+            f"must be a mapping for DeepSpeed without a GPU (anchorkd adds use_configured_state to it), "
+            f"got {value!r}: write its keys inline",
+        )
+
+
+# ms-swift's named DeepSpeed configs (``--deepspeed zero2``); any other value is a JSON file or JSON text.
+DEEPSPEED_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+def rule_deepspeed_config_is_readable(draft: ConfigDraft) -> None:
+    """ms-swift reads the DeepSpeed config only when it builds the arguments, and a wrong value fails there
+    without naming the key (a typo'd preset is parsed as JSON text: "Expecting value")."""
+    errors = []
+    for key_path in ("training.deepspeed", "rlhf.teacher_deepspeed"):
+        section, key = key_path.split(".")
+        value = draft.sections[section].get(key)
+        problem = _deepspeed_config_problem(value) if value else None
+        if problem:
+            errors.append(ConfigError(key_path, problem))
+    if errors:
+        raise _many(errors)
+
+
+def _deepspeed_config_problem(value) -> str | None:
+    if isinstance(value, str):
+        if value in DEEPSPEED_PRESETS:
+            return None
+        path = Path(value)  # relative to the working directory, as ms-swift reads it
+        if path.exists():
+            try:
+                value = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                return f"{path} is not a readable JSON file: {exc}"
+        elif value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                return f"is not valid JSON: {exc}"
+        else:
+            return (
+                f"{value!r} is neither one of ms-swift's presets ({', '.join(DEEPSPEED_PRESETS)}) nor an "
+                "existing JSON file"
+            )
+    if not isinstance(value, dict):
+        return f"a DeepSpeed config is a JSON object, got {type(value).__name__}"
+    if not isinstance(value.get("zero_optimization"), dict):
+        return "the DeepSpeed config has no zero_optimization section (accelerate requires one)"
+    return None
 
 
 # --- what anchorkd's GKD trainer does not support ------------------------------------------------------
@@ -416,15 +577,20 @@ RULES: tuple[Rule, ...] = (
     rule_seq_kd_needs_local_teacher,
     rule_seq_kd_teacher_adapters,
     rule_seq_kd_needs_local_jsonl,
+    rule_seq_kd_needs_dataset_batches,
     rule_infer_backend_installed,
     rule_anchor_needs_gkd,
     rule_anchor_needs_gkd_monitor,
     rule_anchor_needs_local_jsonl,
     rule_anchor_needs_padded_batches,
+    rule_anchor_ratio_gives_a_row,
+    rule_generation_batch_fits_the_global_batch,
     rule_teacher_required_for_kd,
     rule_visual_kd_needs_trainable_vision,
     rule_cpu_data_parallel_needs_use_cpu,
     rule_fsdp_needs_a_gpu,
+    rule_cpu_deepspeed_accelerator_config_is_a_mapping,
+    rule_deepspeed_config_is_readable,
     rule_no_teacher_server_with_gkd_monitor,
     rule_no_topk_with_gkd_monitor,
     rule_no_liger_with_gkd_monitor,

@@ -93,6 +93,22 @@ class AlertConfig(BaseModel):
     sft_regression_tolerance: float = Field(default=0.10, ge=0.0)
     nonfinite: bool = True
 
+    @field_validator("kd_spike_factor", "kd_spike_min_threshold", "sft_regression_tolerance", mode="before")
+    @classmethod
+    def _threshold_is_finite(cls, value):
+        # An infinite threshold is never crossed and NaN compares false: either switches its alert off
+        # without a word, which spec 003 forbids.
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return value  # not a number: pydantic says so
+        if not math.isfinite(number):
+            raise ValueError(
+                f"must be a finite number, got {value!r}: such a threshold is never crossed, so its alert "
+                "would be off. Turn the alerts off with custom.monitor.enabled: false"
+            )
+        return value
+
     @model_validator(mode="after")
     def _history_fits_window(self) -> AlertConfig:
         # The running-median window holds at most kd_spike_window values, so a larger minimum history

@@ -72,6 +72,16 @@ def _adapter(annotation) -> TypeAdapter | None:
         return None
 
 
+def default_value(key: str) -> Any:
+    """ms-swift's default for ``key`` (the value its arguments take when a config leaves the key out)."""
+    from ..swift_seam import arguments_classes
+
+    field = {f.name: f for f in dataclasses.fields(arguments_classes()[1])}[key]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def closest_names(name: str, candidates, n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.6)
 
@@ -102,7 +112,7 @@ def coerce_swift_value(args_cls, section: str, key: str, value: Any) -> Any:
     if adapter is None:
         return value
     try:
-        return adapter.validate_python(value)
+        coerced = adapter.validate_python(value)
     except ValidationError as exc:
         if not isinstance(value, (list, tuple, dict)) and _accepts_list(annotation):
             # ms-swift's command line accepts one value for a list argument; so does our YAML.
@@ -111,6 +121,52 @@ def coerce_swift_value(args_cls, section: str, key: str, value: Any) -> Any:
         raise ConfigError(
             f"{section}.{key}", f"invalid value {value!r}: expected {_describe(annotation)} ({problem})"
         ) from None
+    return coerced
+
+
+# ms-swift's keys that load plugin files, and the names such plugins can register.
+PLUGIN_KEYS = ("external_plugins", "custom_register_path")
+PLUGIN_REGISTRIES = ("template", "tuner_type")
+
+
+def check_choice(section: str, key: str, value: Any, plugins: bool = False) -> None:
+    """A string argument with a fixed set of names (optimizer, scheduler, template, tuner) must be one of
+    them: ms-swift and transformers check these only when the arguments are built, and their error names
+    no key. With ``plugins`` (the config loads ms-swift plugins) template and tuner names are left to ms-swift."""
+    if plugins and key in PLUGIN_REGISTRIES:
+        return
+    choices = declared_choices().get(key)
+    if choices is None or not isinstance(value, str) or value in choices:
+        return
+    hints = closest_names(value, choices)
+    hint = f" (did you mean {hints[0]}?)" if hints else ""
+    listed = (
+        ", ".join(sorted(choices)) if len(choices) <= 60 else f"{len(choices)} names; see ms-swift's docs"
+    )
+    raise ConfigError(f"{section}.{key}", f"unknown value {value!r}{hint}; valid: {listed}")
+
+
+@functools.lru_cache(maxsize=1)
+def declared_choices() -> dict[str, frozenset[str]]:
+    """Names each such argument accepts, read from the engine that consumes it: transformers' enums for the
+    ``TrainingArguments`` fields it converts with one (``optim``, ``lr_scheduler_type``, the ``*_strategy``
+    keys), ms-swift's template registry and its tuner names."""
+    import enum
+
+    import transformers
+    from swift.arguments import get_supported_tuners
+    from swift.template import TEMPLATE_MAPPING
+
+    choices: dict[str, frozenset[str]] = {}
+    hints = typing.get_type_hints(transformers.TrainingArguments)
+    for field in dataclasses.fields(transformers.TrainingArguments):
+        members = typing.get_args(hints.get(field.name))
+        enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+        if len(enums) == 1 and str in members:  # ``Enum | str``: transformers converts with ``Enum(value)``
+            choices[field.name] = frozenset(str(member.value) for member in enums[0])
+    choices["template"] = frozenset(TEMPLATE_MAPPING)
+    choices["tuner_type"] = frozenset(get_supported_tuners())
+    return choices
 
 
 def _accepts_list(annotation) -> bool:

@@ -9,6 +9,9 @@ Resolution rules:
   overrides (e.g. ``rlhf.teacher_model: ${model.model}`` anchors to whatever base model is used).
 - Booleans follow YAML 1.2 (only true/false), so ``no``/``yes``/``on``/``off`` stay strings as
   ms-swift and transformers expect (``eval_strategy: no``).
+- A key (or a section) written twice in one mapping is an error naming its key path and both lines; the
+  YAML default of keeping the last one would change a run silently. Overlays replacing a parent's value
+  are the way to set a key again.
 - An override ``a.b.c=value`` parses ``value`` as YAML (``lr=1e-4`` is a float, ``x=[1,2]`` a list,
   ``x=null`` clears a key) and sets it at that path, creating mappings on the way.
 """
@@ -39,8 +42,49 @@ _Yaml12BoolLoader.add_implicit_resolver(
 )
 
 
-def load_yaml_text(text: str):
-    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
+def load_yaml_text(text: str, source: str | None = None):
+    """Parse ``text`` (YAML 1.2 booleans). A key written twice in one mapping is an error naming its key path
+    and lines: PyYAML would keep the last silently, so a section or a key repeated further down a file
+    (``llm_kd_weight: 1.0`` ... ``llm_kd_weight: 0.0``) would quietly change the run."""
+    loader = _Yaml12BoolLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeated_keys(node, "", source, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_repeated_keys(node: yaml.Node, where: str, source: str | None, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a complex key: nothing a config writes
+            key = key_node.value
+            path = f"{where}.{key}" if where else key
+            line = key_node.start_mark.line + 1
+            if key in first_line and key_node.tag != "tag:yaml.org,2002:merge":
+                if isinstance(value_node, yaml.MappingNode):
+                    rule = "YAML would keep only the second block: write all its keys in one"
+                else:
+                    rule = "YAML would keep only the second value: keep one"
+                lines = f"line {line}" if line == first_line[key] else f"lines {first_line[key]} and {line}"
+                raise ConfigError(
+                    path,
+                    f"written twice in one mapping ({lines}); {rule}",
+                    f"{source}:{line}" if source else None,
+                )
+            first_line.setdefault(key, line)
+            _refuse_repeated_keys(value_node, path, source, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(item, f"{where}[{i}]", source, seen)
 
 
 _REFERENCE = re.compile(r"^\$\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+)\}$")
@@ -68,7 +112,7 @@ def read_yaml_mapping(path: Path) -> dict:
         # Extended files are checked by ``_resolve`` (key ``extends``); this is the config file itself.
         raise ConfigError("config", f"config file not found: {path}")
     try:
-        data = load_yaml_text(path.read_text())
+        data = load_yaml_text(path.read_text(), source=str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -135,6 +179,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"override value {raw!r} is not valid YAML: {exc}") from exc
+    except ConfigError as exc:  # a key repeated inside the value: name it under the override's key
+        raise ConfigError(f"{key}.{exc.key_path}", exc.rule) from None
     return key.split("."), _coerce_tree(value)
 
 
