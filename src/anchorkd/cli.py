@@ -234,17 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anchorkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def config_command(name: str, help_text: str, handler, positional: bool = True):
-        cmd = sub.add_parser(name, help=help_text)
-        if positional:
-            cmd.add_argument("config", help="YAML config file")
-        else:
-            cmd.add_argument("--config", required=True, help="YAML config file")
-        cmd.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-        cmd.set_defaults(handler=handler)
+    def config_command(name: str, help_text: str, handler):
+        """A command on a config: ``anchorkd NAME FILE [overrides]`` or ``anchorkd NAME --config FILE [overrides]``."""
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            usage=f"anchorkd {name} [options] (FILE | --config FILE) [section.key=value ...]",
+        )
+        cmd.add_argument(
+            "config_arguments",
+            nargs="*",
+            metavar="[FILE] section.key=value",
+            help="the YAML config file (unless --config names it), then config overrides",
+        )
+        cmd.add_argument(
+            "--config", dest="config_option", metavar="FILE", help="the YAML config file (the same as FILE)"
+        )
+        cmd.set_defaults(handler=handler, config_parser=cmd)
         return cmd
 
-    config_command("train", "train from a config (ms-swift, in-process)", _cmd_train, positional=False)
+    config_command("train", "train from a config (ms-swift, in-process)", _cmd_train)
     validate = config_command("validate", "check a config (and its data) without training", _cmd_validate)
     validate.add_argument("--print", action="store_true", help="print the resolved config")
     config_command("check", "teacher/student compatibility preflight", _cmd_check)
@@ -252,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher-targets",
         "write the teacher's answers to the config's data.dataset rows (the data of seq_kd) to a JSONL",
         _cmd_teacher_targets,
-        positional=False,
     )
     targets.add_argument("--out", required=True, help="ms-swift JSONL to write (rows with provenance)")
 
@@ -378,6 +386,38 @@ def _register_optional(sub) -> None:
         register(sub)
 
 
+def _looks_like_override(text: str) -> bool:
+    """``section.key=value``: an ``=`` with no path separator before it."""
+    key, sep, _ = text.partition("=")
+    return bool(sep) and "/" not in key and "\\" not in key
+
+
+def _names_a_config_file(text: str) -> bool:
+    from pathlib import Path
+
+    return text.endswith((".yaml", ".yml")) or Path(text).is_file()
+
+
+def _settle_config_file(ns) -> None:
+    """``ns.config`` and ``ns.overrides`` from ``FILE`` or ``--config FILE``; both, or neither, is a usage error
+    (exit status 2). Beside ``--config``, a first argument that is not an override counts as a second config
+    file when it names one (``.yaml``/``.yml``, or an existing file); otherwise it stays an override, for the
+    override check to name."""
+    arguments, option = list(ns.config_arguments), ns.config_option
+    first = arguments[0] if arguments else None
+    positional = first is not None and not _looks_like_override(first)
+    if option is not None and positional and _names_a_config_file(first):
+        ns.config_parser.error(f"the config file is given twice ({first} and --config {option}): give one")
+    if option is None and not positional:
+        ns.config_parser.error(
+            "a config file is required: FILE or --config FILE, before any section.key=value"
+        )
+    if option is None:
+        ns.config, ns.overrides = arguments[0], arguments[1:]
+    else:
+        ns.config, ns.overrides = option, arguments
+
+
 def _console_logging() -> None:
     """anchorkd's own console handler: ms-swift raises the root handler to ERROR when it sets up its
     logger, which would hide our warnings (forward-only knobs, alerts, non-finite terms)."""
@@ -397,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     ns.argv = argv
+    if getattr(ns, "config_parser", None) is not None:
+        _settle_config_file(ns)
     from .errors import AnchorKDError, ConfigError, DataError
 
     try:

@@ -366,3 +366,72 @@ def test_validate_with_the_config_option_reads_the_same_config(in_demo_workdir, 
     assert main(["validate", "--config", str(DEMO_STAGE_2), "novalue"]) == EXIT_BAD_INPUT
     assert "'novalue' must look like section.key=value" in capsys.readouterr().err
     assert runs_snapshot(in_demo_workdir) == before
+
+
+# --- one command-line shape: FILE or --config FILE on every command that takes a config ---------------------
+
+CONFIG_COMMANDS = ("train", "validate", "check", "teacher-targets")
+
+
+def extra_options(command: str, tmp_path: Path) -> list[str]:
+    return ["--out", str(tmp_path / "targets.jsonl")] if command == "teacher-targets" else []
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+@pytest.mark.parametrize("form", ["positional", "option", "option last"])
+def test_config_commands_take_the_config_as_file_or_as_option(monkeypatch, tmp_path, command, form):
+    import anchorkd.cli as cli
+
+    seen = []
+    handler = f"_cmd_{command.replace('-', '_')}"
+    monkeypatch.setattr(cli, handler, lambda ns: seen.append((ns.config, ns.overrides)) or 0)
+    config, overrides = "run.yaml", ["training.max_steps=3", "rlhf.beta=0.5"]
+    arguments = {
+        "positional": [config, *overrides],
+        "option": ["--config", config, *overrides],
+        "option last": [*overrides, "--config", config],
+    }[form]
+    assert main([command, *extra_options(command, tmp_path), *arguments]) == 0
+    assert seen == [(config, overrides)]
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["a.yaml", "--config", "b.yaml"],
+            "the config file is given twice (a.yaml and --config b.yaml): give one",
+        ),
+        (
+            ["--config", "b.yaml", "a.yml", "x.y=1"],
+            "the config file is given twice (a.yml and --config b.yaml)",
+        ),
+        ([], "a config file is required: FILE or --config FILE"),
+        (["training.max_steps=3"], "a config file is required: FILE or --config FILE"),
+    ],
+)
+def test_config_given_twice_or_not_at_all_is_a_usage_error(
+    monkeypatch, capsys, tmp_path, command, arguments, message
+):
+    import anchorkd.cli as cli
+
+    monkeypatch.setattr(cli, f"_cmd_{command.replace('-', '_')}", lambda ns: pytest.fail("the command ran"))
+    with pytest.raises(SystemExit) as exited:
+        main([command, *extra_options(command, tmp_path), *arguments])
+    _, err = capsys.readouterr()
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert f"usage: anchorkd {command} [options] (FILE | --config FILE)" in err
+    assert f"anchorkd {command}: error: {message}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_with_the_config_option_reads_the_same_config(in_demo_workdir, capsys):
+    before = runs_snapshot(in_demo_workdir)
+    assert main(["validate", "--config", str(DEMO_STAGE_2), "training.max_steps=7"]) == 0
+    out, _ = capsys.readouterr()
+    assert f"{DEMO_STAGE_2}: OK (sft, SftArguments)" in out
+    # beside --config, an argument that is no config file stays an override and is checked as one
+    assert main(["validate", "--config", str(DEMO_STAGE_2), "novalue"]) == EXIT_BAD_INPUT
+    assert "'novalue' must look like section.key=value" in capsys.readouterr().err
+    assert runs_snapshot(in_demo_workdir) == before
