@@ -146,3 +146,25 @@ def test_anchor_rows_without_an_answer_are_checked_as_teacher_prompts(tmp_path, 
     config = check_run(seq_kd_config(tmp_path, tiny_model_dir, data, [str(anchors)]), teacher=False)
     assert config.custom.anchor.active and not config.seq_kd
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "run.yaml"]
+
+
+def test_the_checks_start_no_distributed_state_in_a_torchrun_worker(tmp_path, tiny_model_dir, monkeypatch):
+    """Every rank runs the checks before training; building ms-swift's (transformers') arguments would join the
+    process group there (their device set-up), so the checks build none."""
+    import torch.distributed
+
+    class JoinedProcessGroup(RuntimeError):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise JoinedProcessGroup("the checks started a process group")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens: joining would fail, not wait
+    data = write(tmp_path, "train.jsonl", [ROW, ROW])
+    config = check_run(config_file(tmp_path, tiny_model_dir, data, gkd=True))
+    assert config.mode == "gkd" and not torch.distributed.is_initialized()
+    assert not (tmp_path / "out").exists()
