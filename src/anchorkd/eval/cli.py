@@ -55,7 +55,7 @@ def _adapter_scale(text: str) -> float:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .model import DEFAULT_MODEL_TYPE, TORCH_DTYPES
+    from .model import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MODEL_TYPE, TORCH_DTYPES
 
     parser.add_argument(
         "--model",
@@ -76,7 +76,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--torch-dtype", choices=TORCH_DTYPES, help="weights dtype (default: the checkpoint's own)"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_EVAL_BATCH_SIZE,
+        help=f"samples per forward (default {DEFAULT_EVAL_BATCH_SIZE})",
+    )
 
 
 def _add_infer_backend_option(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +185,8 @@ def _cmd_compare(ns) -> int:
 
 def register(subparsers) -> None:
     """Add ``anchorkd eval {generate,score,text,compare}`` to the top-level sub-commands."""
+    from .model import DEFAULT_MAX_NEW_TOKENS
+
     evaluation = subparsers.add_parser(
         "eval",
         help="evaluate checkpoints: captions, hallucination scores, text perplexity, comparison report",
@@ -194,7 +201,12 @@ def register(subparsers) -> None:
         "--data", required=True, action="append", help="eval JSONL file (repeat for several)"
     )
     generate.add_argument("--out", required=True, help="folder for generations.jsonl")
-    generate.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    generate.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"caption length limit in tokens (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
     generate.add_argument("--limit", type=_positive_int, help="only the first N records of each file")
     _add_infer_backend_option(generate)
     generate.set_defaults(handler=_cmd_generate)

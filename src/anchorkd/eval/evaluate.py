@@ -13,7 +13,12 @@ from typing import Any
 
 from anchorkd.eval.compare import run_metrics
 from anchorkd.eval.generate import generate_captions
-from anchorkd.eval.model import DEFAULT_MODEL_TYPE, load_model
+from anchorkd.eval.model import (
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL_TYPE,
+    load_model,
+)
 from anchorkd.eval.score import DEFAULT_MAX_REGRESSION_PCT, score_generations, write_scores
 from anchorkd.eval.text_eval import evaluate_text
 
@@ -27,8 +32,8 @@ def evaluate_checkpoint(
     base_text_ppl: float | None = None,
     *,
     lexicon_path: str | Path | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 128,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     limit: int | None = None,
     max_regression_pct: float = DEFAULT_MAX_REGRESSION_PCT,
     model_type: str = DEFAULT_MODEL_TYPE,

@@ -29,7 +29,14 @@ from typing import Any
 
 from anchorkd.data.validate import read_jsonl_records
 from anchorkd.errors import ConfigError, DataError
-from anchorkd.eval.model import DEFAULT_INFER_BACKEND, DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
+from anchorkd.eval.model import (
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_INFER_BACKEND,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL_TYPE,
+    LoadedModel,
+    as_loaded_model,
+)
 from anchorkd.eval.provenance import describe_file, run_provenance
 from anchorkd.eval.score import GENERATION_SETTINGS_FILE
 from anchorkd.io import atomic_write_json, write_jsonl
@@ -178,8 +185,8 @@ def generate_captions(
     data_files: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    batch_size: int = 8,
-    max_new_tokens: int = 128,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     limit: int | None = None,
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,

@@ -23,6 +23,9 @@ DEFAULT_MODEL_TYPE = "qwen3_vl"
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 INFER_BACKENDS = seam.INFER_BACKENDS
 DEFAULT_INFER_BACKEND = "transformers"
+# Evaluation defaults, written once here for the ``anchorkd eval`` options and the functions behind them.
+DEFAULT_EVAL_BATCH_SIZE = 8
+DEFAULT_MAX_NEW_TOKENS = 128  # greedy caption length limit of ``eval generate``
 
 
 def require_checkpoint(path: str | Path, option: str = "--model") -> Path:

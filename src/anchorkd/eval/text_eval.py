@@ -26,7 +26,7 @@ from typing import Any
 from anchorkd import swift_seam as seam
 from anchorkd.data.validate import read_jsonl_records
 from anchorkd.errors import ConfigError, DataError
-from anchorkd.eval.model import DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
+from anchorkd.eval.model import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MODEL_TYPE, LoadedModel, as_loaded_model
 from anchorkd.eval.score import (
     DEFAULT_MAX_REGRESSION_PCT,
     base_from_text_eval,
@@ -78,7 +78,7 @@ def text_perplexity(
     model: str | Path | LoadedModel,
     adapter: str | Path | None,
     data_file: str | Path,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     *,
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,
@@ -138,7 +138,7 @@ def evaluate_text(
     base_text_eval: str | Path | None = None,
     base_ppl: float | None = None,
     max_regression_pct: float = DEFAULT_MAX_REGRESSION_PCT,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     model_type: str = DEFAULT_MODEL_TYPE,
     torch_dtype: str | None = None,
     adapter_scale: float | None = None,
