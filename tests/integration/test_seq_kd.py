@@ -100,19 +100,22 @@ def test_trained_labels_are_the_teachers_greedy_answers(env, forward_only, tmp_p
 
 
 def test_lmbda_precedence(env, forward_only):
-    """TRL's precedence: lmbda 1 trains on the student's own samples every time, lmbda 0 on the teacher's
-    sequences every time (ms-swift's draw is ``random() <= lmbda`` per generation buffer)."""
-    on_policy = h.build(
-        h.STAGE2_GKD_DEMO,
-        env.overrides("seq-kd-on-policy", extra=seq_kd_extra(env.work / "seq-kd-cache", "rlhf.lmbda=1.0")),
-    )
-    for built, from_dataset in ((forward_only, True), (on_policy, False)):
-        trainer = built.trainer
-        for index in range(3):
-            batch = h.prepare(trainer, h.dataset_rows(trainer, [index]))
-            assert seam.batch_from_dataset(batch) is from_dataset
-    # Both runs read the same teacher-target file from the cache.
-    assert on_policy.train_args.dataset == forward_only.train_args.dataset
+    """TRL's precedence: lmbda 0 trains on the teacher's sequences every time (ms-swift's draw is
+    ``random() <= lmbda`` per generation buffer). lmbda 1 would train on the student's own samples every
+    time, so the teacher's answers would never train: seq_kd with it is refused before anything is written."""
+    from anchorkd.config import ConfigError
+
+    trainer = forward_only.trainer
+    for index in range(3):
+        batch = h.prepare(trainer, h.dataset_rows(trainer, [index]))
+        assert seam.batch_from_dataset(batch) is True
+    cache = env.work / "seq-kd-on-policy-cache"
+    with pytest.raises(ConfigError) as info:
+        h.build(
+            h.STAGE2_GKD_DEMO, env.overrides("seq-kd-on-policy", extra=seq_kd_extra(cache, "rlhf.lmbda=1.0"))
+        )
+    assert info.value.key_path == "rlhf.seq_kd" and "has no effect with rlhf.lmbda: 1" in str(info.value)
+    assert not cache.exists()
 
 
 def test_answers_are_generated_once_across_epochs_and_resume(env, tmp_path, monkeypatch):
