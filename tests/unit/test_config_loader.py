@@ -6,6 +6,7 @@ on disk build the real ms-swift arguments with ``load_training_config``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -514,6 +515,7 @@ def test_ms_swift_rejection_removes_the_output_dir_it_created(tmp_path, gkd, cle
     with pytest.raises(ConfigError) as info:
         ConfigLoader.load_training_config(write_config(tmp_path, gkd))
     assert info.value.key_path == "rlhf.gkd_logits_topk"  # the key ms-swift's message names
+    assert info.value.source == str((tmp_path / "run.yaml").resolve())
     assert "gkd_logits_topk must be a positive integer" in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -523,6 +525,28 @@ def test_ms_swift_rejection_removes_the_output_dir_it_created(tmp_path, gkd, cle
     with pytest.raises(ConfigError):
         ConfigLoader.load_training_config(write_config(tmp_path, gkd))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("message", "key_path"),
+    [
+        ("'mystery' is not a valid choice", "training.lr_scheduler_type"),  # the value it quotes
+        ("To use `deepspeed_autotp_size`, set `--deepspeed`", "training.deepspeed_autotp_size"),  # the key
+        ("the model is too large for this device", "(ms-swift arguments)"),  # no single key
+    ],
+)
+def test_an_ms_swift_refusal_names_the_key_it_is_about(tmp_path, gkd, message, key_path):
+    from anchorkd.config.loader import _swift_refusal
+
+    gkd["training"].update({"lr_scheduler_type": "cosine", "deepspeed_autotp_size": 2})
+    config = ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False)
+    sections = {
+        **config.sections,
+        "training": {**config.sections["training"], "lr_scheduler_type": "mystery"},
+    }
+    config = dataclasses.replace(config, sections=sections)
+    error = _swift_refusal(ValueError(message), config)
+    assert error.key_path == key_path and message in str(error)
 
 
 def test_bad_data_line_is_a_data_error_before_anything_is_written(tmp_path, sft, clean_tb_env):

@@ -457,9 +457,11 @@ def _swift_refusal(exc: BaseException, config: ResolvedConfig) -> ConfigError:
                 quoted.append(f"{section}.{key}")
             if _names(message, key):
                 named.append(f"{section}.{key}")
+    origins = _Origins(list(config.sources), ())
+    origins.overridden = config.overridden
     for candidates in (quoted, named):
         if len(candidates) == 1:
-            return ConfigError(candidates[0], f"ms-swift refused it: {message}")
+            return ConfigError(candidates[0], f"ms-swift refused it: {message}", origins.of(candidates[0]))
     return ConfigError("(ms-swift arguments)", f"ms-swift refused the arguments of this config: {message}")
 
 
