@@ -480,6 +480,22 @@ def test_unsupported_keys_are_fine_with_ms_swifts_own_trainer(tmp_path, gkd):
     assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).mode == "gkd"
 
 
+def test_the_launching_process_checks_for_the_processes_it_will_start(monkeypatch):
+    """Before the torchrun relaunch the rules see the world size of the run (NPROC_PER_NODE x NNODES, ms-swift's
+    variables); in a worker, torchrun's WORLD_SIZE."""
+    from anchorkd.config.rules import LaunchEnvironment
+
+    for name in ("WORLD_SIZE", "NPROC_PER_NODE", "NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    assert LaunchEnvironment.detect().world_size == 1
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    assert LaunchEnvironment.detect().world_size == 2
+    monkeypatch.setenv("NNODES", "3")
+    assert LaunchEnvironment.detect().world_size == 6
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert LaunchEnvironment.detect().world_size == 4
+
+
 @pytest.fixture
 def two_cpu_ranks(monkeypatch):
     from anchorkd.config.rules import LaunchEnvironment
