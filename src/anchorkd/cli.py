@@ -11,10 +11,38 @@ from .offline import configure_network
 EXIT_BAD_INPUT = 2
 
 
-# The testbed's domain runs and its default selection (demo.testbed.DOMAIN_RUNS and DEFAULT_RUNS; kept here so
-# that `anchorkd --help` imports no demo code).
-DEMO_RUNS = ("sft", "gkd", "gkd_visual", "gkd_seqkd", "gkd_anchor")
+# The testbed's domain runs, its default selection and its named selections (demo.testbed.DOMAIN_RUNS,
+# DEFAULT_RUNS and RUN_GROUPS; kept here so that `anchorkd --help` imports no demo code).
+DEMO_RUNS = (
+    "sft",
+    "gkd",
+    "gkd_visual",
+    "gkd_seqkd",
+    "gkd_anchor",
+    "gkd_anchor_w1",
+    "gkd_anchor_w2",
+    "anchor_only",
+    "replay",
+    "sft_wise0.25",
+    "sft_wise0.5",
+    "sft_wise0.75",
+)
 DEFAULT_DEMO_RUNS = ("sft", "gkd", "gkd_anchor")
+DEMO_RUN_GROUPS = {
+    "all": DEMO_RUNS,
+    "baselines": (
+        "sft",
+        "gkd",
+        "gkd_anchor",
+        "gkd_anchor_w1",
+        "gkd_anchor_w2",
+        "anchor_only",
+        "replay",
+        "sft_wise0.25",
+        "sft_wise0.5",
+        "sft_wise0.75",
+    ),
+}
 
 
 def _torchrun_command(argv: list[str]) -> list[str] | None:
@@ -95,6 +123,21 @@ def _cmd_teacher_targets(ns) -> int:
     return 0
 
 
+def _cmd_teacher_cache(ns) -> int:
+    from .checks import check_run
+    from .trainers.teacher_cache import write_teacher_cache
+
+    config = check_run(ns.config, ns.overrides)
+    stats = write_teacher_cache(config, ns.out, k=ns.k, batch_size=ns.batch_size)
+    print(
+        f"anchorkd: teacher cache {ns.out}: {stats.rows} rows ({stats.rows_written} written, "
+        f"{stats.rows_cached} already cached), {stats.supervised_tokens} supervised tokens, "
+        f"{stats.bytes_per_token:.1f} bytes per token, {stats.rows_per_second:.2f} rows/s, "
+        f"mean teacher mass outside the top {ns.k}: {stats.mean_teacher_tail_mass:.4f}"
+    )
+    return 0
+
+
 def _cmd_check(ns) -> int:
     from .checks import check_run
     from .trainers.preflight import run_preflight
@@ -159,7 +202,7 @@ def _cmd_demo(ns) -> int:
     from .demo.testbed import HEADLINE_METRICS, TestbedSizes, run_testbed
 
     sizes = TestbedSizes.quick() if ns.quick else TestbedSizes()
-    runs = DEMO_RUNS if "all" in ns.runs else tuple(dict.fromkeys(ns.runs))
+    runs = tuple(dict.fromkeys(run for name in ns.runs for run in DEMO_RUN_GROUPS.get(name, (name,))))
     result = run_testbed(ns.root, ns.configs, seeds=tuple(ns.seeds), sizes=sizes, runs=runs)
     print(
         f"\nanchorkd demo: {'base reused from cache' if result.base_cached else 'base trained'}, "
@@ -263,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_teacher_targets,
     )
     targets.add_argument("--out", required=True, help="ms-swift JSONL to write (rows with provenance)")
+    cache = config_command(
+        "teacher-cache",
+        "cache the teacher's top-k distributions at every supervised position of the training and anchor rows",
+        _cmd_teacher_cache,
+    )
+    cache.add_argument(
+        "--out", required=True, help="cache folder (safetensors shards; see docs/teacher_cache.md)"
+    )
+    cache.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default 64)")
+    cache.add_argument("--batch-size", type=int, default=4, help="rows per teacher forward (default 4)")
 
     tiny = sub.add_parser("make-tiny-model", help="build the embedded tiny Qwen3-VL checkpoint")
     tiny.add_argument("out")
@@ -290,8 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs",
         nargs="+",
         default=list(DEFAULT_DEMO_RUNS),
-        choices=[*DEMO_RUNS, "all"],
-        help=f"domain runs (default: {' '.join(DEFAULT_DEMO_RUNS)}; all: {' '.join(DEMO_RUNS)})",
+        choices=[*DEMO_RUNS, *DEMO_RUN_GROUPS],
+        help=f"domain runs (default: {' '.join(DEFAULT_DEMO_RUNS)}); "
+        + "; ".join(f"{group}: {' '.join(runs)}" for group, runs in DEMO_RUN_GROUPS.items())
+        + " (the sft_wise runs evaluate sft's adapter scaled, so they bring sft along)",
     )
     demo.add_argument("--root", default="outputs/testbed", help="where assets, cache, runs and the report go")
     demo.add_argument(

@@ -177,6 +177,14 @@ def starts_generation_buffer(trainer: Any) -> bool:
     return trainer._step % steps == 0 or trainer._buffered_inputs is None
 
 
+def encode_micro_batch(trainer: Any, samples: list) -> dict:
+    """One micro-batch of GKD samples encoded and collated as ms-swift's GKD trainer encodes a training
+    micro-batch (``_encode_samples``: its template context, OPSD teacher view), as ``{MODEL_INPUTS,
+    TEACHER_INPUTS}``."""
+    encoded, teacher_encoded = trainer._encode_samples(samples)
+    return {MODEL_INPUTS: encoded, TEACHER_INPUTS: teacher_encoded or dict(encoded)}
+
+
 def micro_batch_counter(trainer: Any) -> int:
     """ms-swift's GKD count of training micro-batches taken from its buffers so far (``_step``)."""
     return int(trainer._step)
