@@ -444,3 +444,13 @@ def test_zero3_releases_a_parameter_only_when_no_module_holds_it():
     coordinator = source(partitioned_param_coordinator)
     assert "param.ds_active_sub_modules.add(" in coordinator
     assert "param.ds_active_sub_modules.discard(" in coordinator
+
+
+def test_gkd_sample_encoding_the_teacher_cache_uses():
+    """``encode_micro_batch`` (the teacher cache's rows, encoded as training encodes them) calls
+    ``GKDTrainer._encode_samples(samples)``, which returns ``(student inputs, OPSD teacher inputs or None)``
+    and is what ``_prepare_batch_inputs`` encodes every micro-batch with."""
+    gkd = seam.gkd_trainer_base()
+    assert list(inspect.signature(gkd._encode_samples).parameters) == ["self", "samples"]
+    assert "self._encode_samples(chunk_samples)" in source(gkd._prepare_batch_inputs)
+    assert "teacher_encoded = None" in source(gkd._encode_samples)
