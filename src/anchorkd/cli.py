@@ -275,7 +275,7 @@ def _cmd_anchors_build(ns) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anchorkd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     def config_command(name: str, help_text: str, handler):
         """A command on a config: ``anchorkd NAME FILE [overrides]`` or ``anchorkd NAME --config FILE [overrides]``."""
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--config", dest="config_option", metavar="FILE", help="the YAML config file (the same as FILE)"
         )
-        cmd.set_defaults(handler=handler, config_parser=cmd)
+        cmd.set_defaults(handler=handler)
         return cmd
 
     config_command("train", "train from a config (ms-swift, in-process)", _cmd_train)
@@ -453,7 +453,18 @@ def _names_a_config_file(text: str) -> bool:
     return text.endswith((".yaml", ".yml")) or Path(text).is_file()
 
 
-def _settle_config_file(ns) -> None:
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of each command: on a command that takes a config, ``FILE`` or ``--config FILE`` end up in
+    ``ns.config`` and the overrides in ``ns.overrides`` (see :func:`_settle_config_file`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if hasattr(namespace, "config_arguments"):
+            _settle_config_file(namespace, self)
+        return namespace, extras
+
+
+def _settle_config_file(ns, parser: argparse.ArgumentParser) -> None:
     """``ns.config`` and ``ns.overrides`` from ``FILE`` or ``--config FILE``; both, or neither, is a usage error
     (exit status 2). Beside ``--config``, a first argument that is not an override counts as a second config
     file when it names one (``.yaml``/``.yml``, or an existing file); otherwise it stays an override, for the
@@ -462,11 +473,9 @@ def _settle_config_file(ns) -> None:
     first = arguments[0] if arguments else None
     positional = first is not None and not _looks_like_override(first)
     if option is not None and positional and _names_a_config_file(first):
-        ns.config_parser.error(f"the config file is given twice ({first} and --config {option}): give one")
+        parser.error(f"the config file is given twice ({first} and --config {option}): give one")
     if option is None and not positional:
-        ns.config_parser.error(
-            "a config file is required: FILE or --config FILE, before any section.key=value"
-        )
+        parser.error("a config file is required: FILE or --config FILE, before any section.key=value")
     if option is None:
         ns.config, ns.overrides = arguments[0], arguments[1:]
     else:
@@ -492,8 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     ns.argv = argv
-    if getattr(ns, "config_parser", None) is not None:
-        _settle_config_file(ns)
     from .errors import AnchorKDError, ConfigError, DataError
 
     try:
