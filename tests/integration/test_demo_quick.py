@@ -1,4 +1,10 @@
-"""`anchorkd demo --quick`: base -> every domain run -> evaluation -> report, on the tiny model.
+"""`anchorkd demo --quick`: base -> the domain runs -> evaluation -> report, on the tiny model.
+
+Every kind of run is exercised: ms-swift's SFT trainer (`sft`, and `replay` on the domain rows plus the
+base's answers to anchor prompts), anchorkd's GKD trainer with each of its terms (`gkd`, `gkd_visual`,
+`gkd_seqkd`, `gkd_anchor`, and `anchor_only` without the domain rows' KD), and an evaluation of a scaled
+adapter (`sft_wise0.5`). `gkd_anchor_w1`/`_w2` differ from `gkd_anchor` by one override, and the other
+WiSE scales by the scale (tests/unit/test_testbed.py), so they are left out to keep this test short.
 
 Quick sizes only check that the chain works and writes what it promises; the numbers are not meaningful
 at 2-3 steps (the real testbed results are in docs/evaluation.md).
@@ -13,13 +19,15 @@ from pathlib import Path
 import pytest
 
 from anchorkd.cli import main
-from anchorkd.demo.testbed import DOMAIN_RUNS, HEADLINE_METRICS, RUN_NAMES
+from anchorkd.demo.testbed import HEADLINE_METRICS
 
 pytestmark = pytest.mark.integration
 TESTBED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "testbed"
 
 
 KD_TERMS = ("sft_loss", "llm_kd_loss", "token_accuracy", "token_count")
+QUICK_RUNS = ("sft", "gkd", "gkd_visual", "gkd_seqkd", "gkd_anchor", "anchor_only", "replay", "sft_wise0.5")
+TRAINED = tuple(name for name in QUICK_RUNS if not name.startswith("sft_wise"))
 
 
 def step_records(log: Path) -> list[dict]:
@@ -39,7 +47,7 @@ def finite(record: dict, key: str) -> float:
 def check_telemetry(name: str, steps: list[dict]) -> None:
     """What each run kind logs at every step, and what the values must be."""
     first, last = steps
-    if name == "sft":  # ms-swift's own trainer: loss and token_acc, no anchoring terms
+    if name in ("sft", "replay"):  # ms-swift's own trainer: CE only (loss and token_acc), no KD term at all
         assert finite(first, "loss") > 0
         assert finite(last, "train_loss") > 0
         for record in steps:
@@ -48,21 +56,21 @@ def check_telemetry(name: str, steps: list[dict]) -> None:
         return
     for record in steps:
         assert finite(record, "sft_loss") > 0
-        # A divergence: never below zero beyond the logged rounding.
-        assert finite(record, "llm_kd_loss") > -1e-6
+        # anchor_only has no KD on the domain rows (llm_kd_weight 0): the term is not computed, not logged.
+        assert ("llm_kd_loss" in record) == (name != "anchor_only"), record
+        assert ("anchor_kd_loss" in record) == (name in ("gkd_anchor", "anchor_only")), record
+        assert ("vision_kd_loss" in record) == (name == "gkd_visual"), record
+        for term in ("llm_kd_loss", "anchor_kd_loss", "vision_kd_loss"):
+            if term in record:  # a divergence: never below zero beyond the logged rounding
+                assert finite(record, term) > -1e-6
         assert 0.0 <= finite(record, "token_accuracy") <= 1.0
         assert finite(record, "token_count") > 0 and record["token_count"] == int(record["token_count"])
-        assert ("vision_kd_loss" in record) == (name == "gkd_visual"), record
-        if name == "gkd_visual":
-            assert finite(record, "vision_kd_loss") > -1e-6
-        assert ("anchor_kd_loss" in record) == (name == "gkd_anchor"), record
-        if name == "gkd_anchor":
-            assert finite(record, "anchor_kd_loss") > -1e-6
     # Step 1: the student is still the base (LoRA B starts at zero), so it matches the teacher and the
     # loss is the CE term alone; after one update the KD term is active.
-    assert abs(first["llm_kd_loss"]) < 1e-6
+    kd = "anchor_kd_loss" if name == "anchor_only" else "llm_kd_loss"
+    assert abs(first[kd]) < 1e-6
     assert math.isclose(first["loss"], first["sft_loss"], rel_tol=1e-6)
-    assert last["llm_kd_loss"] > 0
+    assert last[kd] > 0
     if name == "gkd_visual":
         assert last["vision_kd_loss"] > 0
 
@@ -79,10 +87,10 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     (root / "data").symlink_to(synthetic_data_dir, target_is_directory=True)
 
     args = ["demo", "--quick", "--root", str(root), "--configs", str(TESTBED_CONFIGS)]
-    assert main([*args, "--runs", "all"]) == 0
+    assert main([*args, "--runs", *QUICK_RUNS]) == 0
 
     report = json.loads((root / "report" / "report.json").read_text())
-    assert list(report["runs"]) == list(RUN_NAMES)
+    assert list(report["runs"]) == ["base", *QUICK_RUNS]
     for name, metrics in report["runs"].items():
         for key in HEADLINE_METRICS:
             if key.startswith("ood_excess_removed") and metrics.get(key) is None:
@@ -95,21 +103,34 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     for png in ("hallucination.png", "quality.png", "text_ppl_change.png"):
         assert (root / "report" / png).stat().st_size > 1000
     markdown = (root / "report" / "report.md").read_text()
-    assert all(f"`{name}`" in markdown for name in RUN_NAMES)
-    for name in DOMAIN_RUNS:
+    assert all(f"`{name}`" in markdown for name in report["runs"])
+    for name in TRAINED:
         check_telemetry(name, step_records(root / "seed-0" / "runs" / name / "logging.jsonl"))
     out = capsys.readouterr().out
-    assert "report in" in out and all(name in out for name in DOMAIN_RUNS)
+    assert "report in" in out and all(name in out for name in QUICK_RUNS)
+    # The WiSE run is sft's adapter of the same seed, scaled; nothing was trained for it.
+    wise = json.loads((root / "seed-0" / "eval" / "sft_wise0.5" / "generation_settings.json").read_text())
+    sft = json.loads((root / "seed-0" / "eval" / "sft" / "generation_settings.json").read_text())
+    assert (wise["adapter_scale"], sft["adapter_scale"]) == (0.5, 1.0)
+    assert wise["adapter"] == sft["adapter"] and not (root / "seed-0" / "runs" / "sft_wise0.5").exists()
+    # The replay run trained on the domain rows plus anchor rows answered by the base.
+    domain_rows = (root / "data" / "train.jsonl").read_text().splitlines()
+    replay_rows = [
+        json.loads(line) for line in (root / "anchor_set" / "replay_train.jsonl").read_text().splitlines()
+    ]
+    assert replay_rows[: len(domain_rows)] == [json.loads(line) for line in domain_rows]
+    assert len(replay_rows) > len(domain_rows)
+    assert all(row["messages"][-1]["role"] == "assistant" for row in replay_rows[len(domain_rows) :])
     # Per family and pooled near / far OOD, with SFT's excess removed (1 for the base, 0 for SFT itself).
     base, sft = report["runs"]["base"], report["runs"]["sft"]
     for family in ("outdoor", "kitchen", "street", "field"):
         assert 0.0 <= sft[f"ood_domain_object_rate_{family}"] <= 1.0
     assert "ood_excess_removed_far" not in base and "ood_excess_removed_far" not in sft
-    # The teacher answered every seq_kd (domain) and anchor prompt once, into the testbed's shared cache.
+    # The teacher answered every seq_kd (domain) and anchor prompt once, into the testbed's shared cache; the
+    # anchor set's dense prompt on off-domain images is not a domain row, so every answer has its own key.
     answers = sorted((root / "cache" / "teacher_targets" / "rows").glob("*/*.json"))
-    prompts = sum(
-        len((root / "data" / name).read_text().splitlines()) for name in ("train.jsonl", "anchor.jsonl")
-    )
+    prompts = len((root / "data" / "train.jsonl").read_text().splitlines())
+    prompts += len((root / "anchor_set" / "anchors.jsonl").read_text().splitlines())
     assert len(answers) == prompts
 
     # A second run reuses the cached base (content hash unchanged).

@@ -5,14 +5,19 @@ On the embedded default (tiny Qwen3-VL, synthetic scenes) this runs the whole st
    sites, kitchens, streets), the dense box format on the three that are not the domain, plus text-only
    chat (full fine-tuning, ``configs/testbed/base.yaml``). A fifth family (fields) is held out of every
    training set. Built once and cached by a content hash of everything that determines it.
-2. Domain fine-tuning on indoor dense captions only, from the same base: ``sft`` (vanilla), ``gkd``
-   (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD), ``gkd_seqkd`` (the base's own answers
-   as targets) and ``gkd_anchor`` (plus KD-only anchor prompts).
+2. Domain fine-tuning on indoor dense captions only, from the same base (``DOMAIN_RUNS``): ``sft``
+   (vanilla), ``gkd`` (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD), ``gkd_seqkd`` (the
+   base's own answers as targets), ``gkd_anchor`` (plus KD-only anchor prompts, at the domain rows' KD
+   weight 5, 1 and 2), and the baselines: ``anchor_only`` (SFT plus the KD-only anchor rows),
+   ``replay`` (SFT on the domain rows plus anchor rows with the base's answers, CE only) and the WiSE-FT
+   interpolations of the SFT adapter (``sft_wise0.25`` ...: no training, the adapter scaled). The anchor
+   set is built by ``anchorkd anchors build``'s code from the domain prompts on fresh images of the
+   near-OOD families, plus the general prompt and text questions (``build_testbed_anchor_set``).
 3. Every model is evaluated on held-out images of each out-of-domain family (general and dense prompt:
    are indoor domain objects named where there are none?), reported per family and pooled into near OOD
    (the families the base learnt) and far OOD (the held-out one), with each run's share of SFT's excess
    over the base removed; on indoor images (dense prompt: field F1) and text-only chat (perplexity vs the
-   base). All of it lands in ``report.md`` / ``report.json`` / PNGs.
+   base). All of it lands in ``report.md`` / ``report.json`` / PNGs, with the Pareto chart.
 Several seeds (of the domain runs) give a mean and a spread per metric.
 """
 
@@ -28,34 +33,82 @@ from pathlib import Path
 
 import yaml
 
-from ..io import iter_jsonl, read_json_object, real_number, sha256_bytes, sha256_file
+from ..errors import DataError
+from ..io import (
+    atomic_write_text,
+    iter_jsonl,
+    read_json_object,
+    real_number,
+    sha256_bytes,
+    sha256_file,
+    write_jsonl,
+)
 from ..resources import shipped_configs_dir
 from .assets import DATA_DIR, TINY_MODEL_DIR, TINY_MODEL_STAMP, prepare_demo_assets
-from .synthetic import HELD_OUT_FAMILIES, NEAR_OOD_FAMILIES, OOD_FAMILIES, SPLIT_FILES
+from .synthetic import GENERAL_PROMPT, HELD_OUT_FAMILIES, NEAR_OOD_FAMILIES, OOD_FAMILIES, SPLIT_FILES
 
 logger = logging.getLogger("anchorkd")
 
 
 @dataclass(frozen=True)
 class DomainRun:
-    """A domain run of the testbed: its config and which shared testbed inputs it reads."""
+    """A domain run of the testbed: what it trains (or whose checkpoint it evaluates) and which shared
+    testbed inputs it reads."""
 
-    config: str
-    anchor_set: bool = False  # custom.anchor.dataset is the testbed's anchor.jsonl
+    config: str | None  # its recipe in configs/testbed; None: no training (see checkpoint_of)
+    overrides: tuple[str, ...] = ()  # on top of the recipe, e.g. another KD weight
+    anchor_set: bool = False  # custom.anchor.dataset is the testbed's built anchor set
     teacher_targets: bool = False  # the teacher writes targets: one cache for every seed
+    replay: bool = False  # trains on the domain rows plus anchor rows with the base's answers (CE only)
+    checkpoint_of: str | None = None  # evaluates this run's checkpoint of the same seed instead
+    adapter_scale: float | None = None  # ... with its LoRA update scaled (WiSE-FT-style interpolation)
 
 
+# The SFT adapter's interpolations towards the base (WiSE-FT): evaluated, never trained.
+WISE_SCALES = (0.25, 0.5, 0.75)
+# The anchored run whose recipe and settings every run on the anchor set shares (its teacher answers too).
+ANCHOR_RUN = "gkd_anchor"
 DOMAIN_RUNS = {
     "sft": DomainRun("domain_sft.yaml"),
     "gkd": DomainRun("domain_gkd.yaml"),
     "gkd_visual": DomainRun("domain_gkd_visual.yaml"),
     "gkd_seqkd": DomainRun("domain_gkd_seqkd.yaml", teacher_targets=True),
-    "gkd_anchor": DomainRun("domain_gkd_anchor.yaml", anchor_set=True, teacher_targets=True),
+    ANCHOR_RUN: DomainRun("domain_gkd_anchor.yaml", anchor_set=True, teacher_targets=True),
+    **{
+        f"gkd_anchor_w{weight}": DomainRun(
+            "domain_gkd_anchor.yaml",
+            overrides=(f"rlhf.llm_kd_weight={weight}.0",),
+            anchor_set=True,
+            teacher_targets=True,
+        )
+        for weight in (1, 2)
+    },
+    "anchor_only": DomainRun("domain_anchor_only.yaml", anchor_set=True, teacher_targets=True),
+    "replay": DomainRun("domain_replay.yaml", replay=True),
+    **{
+        f"sft_wise{scale:g}": DomainRun(None, checkpoint_of="sft", adapter_scale=scale)
+        for scale in WISE_SCALES
+    },
 }
 RUN_NAMES = ("base", *DOMAIN_RUNS)
 # What `anchorkd demo` runs unless told otherwise: the README's main job, sized to stay within 25 minutes
-# cold and 15 warm on 2 CPU cores. `--runs all` adds gkd_visual and gkd_seqkd.
-DEFAULT_RUNS = ("sft", "gkd", "gkd_anchor")
+# cold and 15 warm on 2 CPU cores.
+DEFAULT_RUNS = ("sft", "gkd", ANCHOR_RUN)
+# Names of run selections: `--runs baselines` is issue 16's comparison (the anchored settings and every
+# baseline), `--runs all` every run.
+RUN_GROUPS = {
+    "all": tuple(DOMAIN_RUNS),
+    "baselines": (
+        "sft",
+        "gkd",
+        ANCHOR_RUN,
+        "gkd_anchor_w1",
+        "gkd_anchor_w2",
+        "anchor_only",
+        "replay",
+        *(f"sft_wise{scale:g}" for scale in WISE_SCALES),
+    ),
+}
 DRIFT_RUN = "sft"
 BASE_CONFIG = "base.yaml"
 # Out-of-domain images of every family under both prompts (is indoor equipment named where there is
@@ -78,6 +131,7 @@ HEADLINE_METRICS = (
     "chair_i",
     "object_recall",
     "indomain_f1",
+    "indomain_name_f1",
     "rouge_l",
     "text_ppl",
     "text_ppl_change_pct",
@@ -98,6 +152,7 @@ class TestbedSizes:
     max_new_tokens: int = 160
     eval_batch: int = 8
     max_completion_length: int | None = None  # teacher answers' limit; None keeps each run config's
+    anchor_rows: int = 160  # rows of the built anchor set (ANCHOR_SHARES of them per kind)
 
     @classmethod
     def quick(cls) -> TestbedSizes:
@@ -111,6 +166,7 @@ class TestbedSizes:
             max_new_tokens=16,
             eval_batch=4,
             max_completion_length=16,
+            anchor_rows=8,
         )
 
 
@@ -130,6 +186,19 @@ class TestbedPaths:
     @property
     def teacher_targets(self) -> Path:
         return self.root / "cache" / "teacher_targets"
+
+    @property
+    def anchor_set_dir(self) -> Path:
+        """The anchor set, what it was built from, and the replay data set made from it."""
+        return self.root / "anchor_set"
+
+    @property
+    def anchor_set(self) -> Path:
+        return self.anchor_set_dir / "anchors.jsonl"
+
+    @property
+    def replay_set(self) -> Path:
+        return self.anchor_set_dir / "replay_train.jsonl"
 
     def base_cache(self, key: str) -> Path:
         return self.root / "cache" / f"base-{key}"
@@ -227,32 +296,184 @@ def build_base(paths: TestbedPaths, sizes: TestbedSizes, seed: int = 0) -> tuple
     return cached, False
 
 
-def train_domain_run(name: str, paths: TestbedPaths, base: Path, sizes: TestbedSizes, seed: int) -> Path:
-    """Train one domain run from ``base``; returns its adapter checkpoint."""
+# The testbed's anchor set (``anchorkd anchors build``'s code): the domain prompt and the general prompt on
+# fresh images of the near-OOD families, and text questions, in these shares (docs/evaluation.md).
+ANCHOR_SHARES = {"training_prompts": 0.5, "general": 0.25, "text": 0.25}
+ANCHOR_SET_SEED = 0  # data, like the synthetic set: the same anchor (and replay) rows for every seed
+ANCHOR_IMAGES_FILE = "off_domain_images.jsonl"
+ANCHOR_GENERAL_FILE = "general_prompts.txt"
+ANCHOR_TEXT_FILE = "text_questions.jsonl"
+
+
+def anchor_set_request(paths: TestbedPaths, sizes: TestbedSizes):
+    """What the testbed asks ``anchorkd anchors build`` for, after writing the inputs it names into
+    ``paths.anchor_set_dir``: the fresh images of the near-OOD families from the data set's anchor split
+    (never an indoor image, the domain, nor a field, held out), the testbed's one general prompt (the only
+    one its base knows) and the anchor split's fresh text questions. Every eval file is named, so the
+    builder leaves out any eval image (by SHA-256)."""
+    from ..data.anchor_set import AnchorSetRequest
+
+    folder = paths.anchor_set_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    images, questions = [], []
+    for _, record in iter_jsonl(paths.data / SPLIT_FILES["anchor"]):
+        scene = record["meta"]["scene"]
+        if scene in NEAR_OOD_FAMILIES:
+            images.extend({"image": image, "meta": {"scene": scene}} for image in record["images"])
+        elif not record.get("images"):
+            questions.append({"messages": record["messages"]})
+    write_jsonl(folder / ANCHOR_IMAGES_FILE, images)
+    write_jsonl(folder / ANCHOR_TEXT_FILE, questions)
+    atomic_write_text(
+        folder / ANCHOR_GENERAL_FILE,
+        f"# The testbed's general prompt: the only one its base knows.\n{GENERAL_PROMPT}\n",
+    )
+    return AnchorSetRequest(
+        train=(paths.data / SPLIT_FILES["train"],),
+        out=paths.anchor_set,
+        images=(folder / ANCHOR_IMAGES_FILE,),
+        evals=tuple(paths.data / filename for filename in EVAL_FILES),
+        rows=sizes.anchor_rows,
+        shares=dict(ANCHOR_SHARES),
+        general_prompts=folder / ANCHOR_GENERAL_FILE,
+        text_questions=folder / ANCHOR_TEXT_FILE,
+        seed=ANCHOR_SET_SEED,
+        force=True,  # the same inputs give the same bytes, so the teacher's cached answers still match
+    )
+
+
+def build_testbed_anchor_set(paths: TestbedPaths, sizes: TestbedSizes) -> Path:
+    """Build the anchored runs' anchor set (and its summary beside it) with ``anchorkd anchors build``'s code."""
+    from ..data.anchor_set import build_anchor_set, describe
+
+    built = build_anchor_set(anchor_set_request(paths, sizes))
+    for line in describe(built):
+        logger.info("testbed: %s", line.removeprefix("anchorkd: "))
+    return built.path
+
+
+def training_overrides(
+    name: str, paths: TestbedPaths, base: Path, sizes: TestbedSizes, seed: int, replay_rows_per_step: int = 0
+) -> list[str]:
+    """The overrides that run ``name``'s recipe from ``base`` on the testbed's data at ``sizes``.
+
+    ``replay_rows_per_step``: the replay rows a ``replay`` step adds to its ``sizes.domain_batch`` domain
+    rows (the anchored runs' anchor rows per step, :func:`build_replay_set`)."""
     run = DOMAIN_RUNS[name]
-    out = paths.seed_dir(seed) / "runs" / name
-    shutil.rmtree(out, ignore_errors=True)
+    if run.config is None:
+        raise ValueError(f"{name} trains nothing: it evaluates the checkpoint of {run.checkpoint_of}")
+    if run.replay and replay_rows_per_step < 1:
+        raise ValueError(f"{name} needs the replay rows per step (build_replay_set)")
+    dataset = paths.replay_set if run.replay else paths.data / SPLIT_FILES["train"]
+    batch = sizes.domain_batch + (replay_rows_per_step if run.replay else 0)
     overrides = [
         f"model.model={base}",
-        f"data.dataset=[{paths.data / SPLIT_FILES['train']}]",
-        f"training.output_dir={out}",
+        f"data.dataset=[{dataset}]",
+        f"training.output_dir={paths.seed_dir(seed) / 'runs' / name}",
         f"training.max_steps={sizes.domain_steps}",
-        f"training.per_device_train_batch_size={sizes.domain_batch}",
+        f"training.per_device_train_batch_size={batch}",
         f"training.save_steps={sizes.domain_steps}",
         f"training.seed={seed}",
     ]
     if run.anchor_set:
-        overrides.append(f"custom.anchor.dataset=[{paths.data / SPLIT_FILES['anchor']}]")
+        overrides.append(f"custom.anchor.dataset=[{paths.anchor_set}]")
     if run.teacher_targets:
         # Keyed by row, teacher and settings: the base answers each prompt once for all seeds and runs.
         overrides.append(f"custom.teacher_targets.cache_dir={paths.teacher_targets}")
         if sizes.max_completion_length is not None:
             overrides.append(f"rlhf.max_completion_length={sizes.max_completion_length}")
-    _train(paths.configs / run.config, overrides)
+    return [*overrides, *run.overrides]
+
+
+def train_domain_run(
+    name: str, paths: TestbedPaths, base: Path, sizes: TestbedSizes, seed: int, replay_rows_per_step: int = 0
+) -> Path:
+    """Train one domain run from ``base``; returns its adapter checkpoint."""
+    out = paths.seed_dir(seed) / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = training_overrides(name, paths, base, sizes, seed, replay_rows_per_step)
+    _train(paths.configs / DOMAIN_RUNS[name].config, overrides)
     return _final_checkpoint(out)
 
 
-def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) -> Path:
+def write_replay_set(domain: Path, answered: Path, out: Path, rows_per_step: int, domain_batch: int) -> int:
+    """The ``replay`` run's data set: every domain row, then anchor rows with the base's answers as their
+    assistant turns, as many as make ``rows_per_step`` of every ``domain_batch + rows_per_step`` rows (the
+    anchored runs' share), drawn per kind in ``ANCHOR_SHARES`` (seeded). Returns the replay rows written.
+
+    ``answered`` is the anchor set with the teacher's answers (the teacher-answer cache's data file). A
+    replay row keeps the prompt, the answer and the images, and a ``meta`` shaped like the domain rows'."""
+    from ..data.anchor_set import KINDS, draw, rows_per_kind
+
+    domain_rows = [record for _, record in iter_jsonl(domain)]
+    by_kind: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    for line_no, record in iter_jsonl(answered):
+        if record["messages"][-1]["role"] != "assistant":
+            raise DataError(str(answered), "an anchor row without the teacher's answer", line_no)
+        by_kind[record["meta"]["kind"]].append(record)
+    count = round(len(domain_rows) * rows_per_step / domain_batch)
+    replay = []
+    for kind, wanted in rows_per_kind(count, ANCHOR_SHARES).items():
+        if wanted and not by_kind[kind]:
+            raise DataError(str(answered), f"holds no {kind} row to replay")
+        for index in draw(wanted, len(by_kind[kind]), ANCHOR_SET_SEED, f"replay-{kind}") if wanted else ():
+            record = by_kind[kind][index]
+            row = {"messages": record["messages"]}
+            if record.get("images"):
+                row["images"] = record["images"]
+            row["meta"] = {
+                "id": f"replay-{record['meta']['id']}",
+                "scene": "replay",
+                "style": kind,
+                "objects": [],
+            }
+            replay.append(row)
+    write_jsonl(out, [*domain_rows, *replay])
+    return len(replay)
+
+
+def answered_anchor_set(paths: TestbedPaths, base: Path, sizes: TestbedSizes) -> tuple[Path, float]:
+    """The anchor set with the base's answer to every row, from the teacher-answer cache that the anchored
+    runs fill (generated here where it is missing: the same job, so the same answers), and the anchored
+    recipe's ``custom.anchor.ratio``."""
+    from ..config import ConfigLoader
+    from ..trainers.teacher_targets import TargetJob, write_teacher_targets
+
+    overrides = training_overrides(ANCHOR_RUN, paths, base, sizes, seed=0)
+    config = ConfigLoader.resolve(
+        paths.configs / DOMAIN_RUNS[ANCHOR_RUN].config, overrides, check_files=False
+    )
+    job = TargetJob.for_anchor_prompts(config)
+    destinations, _ = write_teacher_targets(job)
+    return destinations[job.sources[0]], config.custom.anchor.ratio
+
+
+def build_replay_set(paths: TestbedPaths, base: Path, sizes: TestbedSizes) -> int:
+    """Write ``paths.replay_set`` (:func:`write_replay_set`); returns the replay rows per step."""
+    from ..config.schema import anchor_rows_for
+
+    answered, ratio = answered_anchor_set(paths, base, sizes)
+    per_step = anchor_rows_for(sizes.domain_batch, ratio)
+    written = write_replay_set(
+        paths.data / SPLIT_FILES["train"], answered, paths.replay_set, per_step, sizes.domain_batch
+    )
+    logger.info(
+        "testbed: replay set %s: the domain rows and %d answered anchor rows", paths.replay_set, written
+    )
+    return per_step
+
+
+def selected_runs(runs: tuple[str, ...]) -> tuple[str, ...]:
+    """``runs`` in the testbed's order, with the runs whose checkpoints they evaluate (the WiSE runs need
+    ``sft``); ValueError naming an unknown run."""
+    unknown = [name for name in runs if name not in DOMAIN_RUNS]
+    if unknown:
+        raise ValueError(f"unknown testbed run(s) {', '.join(unknown)}; runs: {', '.join(DOMAIN_RUNS)}")
+    wanted = set(runs) | {DOMAIN_RUNS[name].checkpoint_of for name in runs} - {None}
+    return tuple(name for name in DOMAIN_RUNS if name in wanted)
+
+
+def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None, adapter_scale=None) -> Path:
     from ..eval.evaluate import evaluate_checkpoint
 
     out = paths.seed_dir(seed) / "eval" / name
@@ -269,6 +490,7 @@ def evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=None) ->
         limit=sizes.eval_limit,
         max_regression_pct=float("inf"),  # the testbed reports regressions; it does not gate on them
         show_progress=True,
+        adapter_scale=adapter_scale,
     )
     return out
 
@@ -343,9 +565,15 @@ def run_testbed(
     base, cached = build_base(paths, sizes)
     mark = lap("base_cached" if cached else "base_train", mark)
 
+    runs = selected_runs(runs)
+    if any(DOMAIN_RUNS[name].anchor_set or DOMAIN_RUNS[name].replay for name in runs):
+        build_testbed_anchor_set(paths, sizes)
+        mark = lap("anchor_set", mark)
+
     per_seed: dict[int, dict[str, dict]] = {}
     first_seed_evals: dict[str, Path] = {}
     base_eval = None
+    replay_rows_per_step = 0
     for seed in seeds:
         eval_dirs: dict[str, Path] = {}
         if base_eval is None:
@@ -353,10 +581,29 @@ def run_testbed(
             mark = lap("eval_base", mark)
         eval_dirs["base"] = base_eval
         base_ppl = read_text_eval(base_eval / TEXT_EVAL_FILE)["ppl"]
+        checkpoints: dict[str, Path] = {}
         for name in runs:
-            adapter = train_domain_run(name, paths, base, sizes, seed)
-            mark = lap(f"train_{name}_seed{seed}", mark)
-            eval_dirs[name] = evaluate_run(name, paths, base, adapter, sizes, seed, base_text_ppl=base_ppl)
+            run = DOMAIN_RUNS[name]
+            if run.checkpoint_of is not None:
+                adapter = checkpoints[run.checkpoint_of]
+            else:
+                if run.replay and not replay_rows_per_step:
+                    replay_rows_per_step = build_replay_set(paths, base, sizes)
+                    mark = lap("replay_set", mark)
+                adapter = checkpoints[name] = train_domain_run(
+                    name, paths, base, sizes, seed, replay_rows_per_step if run.replay else 0
+                )
+                mark = lap(f"train_{name}_seed{seed}", mark)
+            eval_dirs[name] = evaluate_run(
+                name,
+                paths,
+                base,
+                adapter,
+                sizes,
+                seed,
+                base_text_ppl=base_ppl,
+                adapter_scale=run.adapter_scale,
+            )
             mark = lap(f"eval_{name}_seed{seed}", mark)
         first_seed_evals = first_seed_evals or eval_dirs
         per_seed[seed] = compare_runs(
