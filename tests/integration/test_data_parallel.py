@@ -26,6 +26,14 @@ pytestmark = pytest.mark.integration
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
 STEPS = 3
 TERMS = ("loss", "sft_loss", "llm_kd_loss", "vision_kd_loss", "token_accuracy", "token_count")
+# A KD term is only worth comparing between layouts when the student already differs from its teacher. A LoRA
+# whose B factors start at zero makes the student equal the base-anchor teacher, and after a few steps at the
+# demo's learning rate the LM-head JSD is ~5e-6: a difference of nearly equal distributions whose value is
+# mostly fp32 rounding (different on another machine, thread count or reduction order). Random LoRA factors
+# from step 0 (``init_weights: false``) make the student differ, and temperature 0.1 sharpens the tiny random
+# model's near-uniform distributions (loss ~ log V): the JSD is then ~0.16 and the merger-feature term ~0.07,
+# where fp32 rounding (~1e-8 absolute) is ~1e-7 relative.
+DISTINCT_STUDENT = ("tuner.init_weights='false'", "rlhf.temperature=0.1")
 
 
 def free_port() -> int:
@@ -59,6 +67,7 @@ def two_ranks(workdir: Path, config: Path, args: list[str]) -> subprocess.Comple
     command = [sys.executable, "-m", "anchorkd.cli", "train", "--config", str(config), *args]
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "still alive after the run" not in result.stderr  # see sharding.release_process_group
     return result
 
 
@@ -73,17 +82,19 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / f"checkpoint-{STEPS}" / "adapter_model.safetensors")
 
 
-def assert_same_run(
-    candidate: Path, reference: Path, terms=TERMS, rel: float = 1e-5, abs: float = 1e-8
-) -> None:
-    """Every term of every step within ``rel``; ``abs`` covers the KD terms' float noise when the reference
-    pads its batch of 4 differently from micro-batches of 2: a KD term of 1e-5 is a difference of nearly
-    equal distributions and carries ~1e-9 of fp32 rounding (the CE beside it agrees to 1e-7)."""
+def assert_same_run(candidate: Path, reference: Path, terms=TERMS, rel: float = 1e-5) -> None:
+    """Every term of every step within ``rel``, then every adapter tensor within relative 1e-5.
+
+    No absolute tolerance: with ``DISTINCT_STUDENT`` every compared term is far above its rounding noise.
+    Measured between layouts (2 ranks vs 1 x 4, vs 1 x 2 x accumulation 2, ZeRO-2/3 vs DDP; OMP_NUM_THREADS
+    1 and 2): at most 2.5e-7 relative, the fp32 reduction order of the LoRA updates. 1e-5 leaves 40x for
+    other machines' kernels; a real error (a missed rank in the token normalisation, an anchor row trained
+    twice) moves a term by 1e-2 or more."""
     got, want = step_records(candidate), step_records(reference)
     for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
         for term in terms:
             if term in w:
-                assert g[term] == pytest.approx(w[term], rel=rel, abs=abs), (step, term, g, w)
+                assert g[term] == pytest.approx(w[term], rel=rel, abs=0.0), (step, term, g, w)
     a, b = adapter(candidate), adapter(reference)
     assert a.keys() == b.keys() and a
     for name in a:
@@ -94,64 +105,71 @@ def assert_same_run(
 
 @pytest.fixture(scope="module")
 def runs(demo_workdir, tmp_path_factory):
-    """``runs(config, layout, extra)``: the run's output dir; each run happens once per module."""
+    """``runs(config, layout, extra)``: the run's output dir; each run happens once per module, in a folder of
+    its own. A run that failed fails every test that asks for it again (it is not rerun into its folder)."""
     root = tmp_path_factory.mktemp("data-parallel")
-    done: dict[tuple, Path] = {}
+    done: dict[tuple, Path | Exception] = {}
 
     def run(config: str, layout: str, extra=()) -> Path:
         key = (config, layout, tuple(extra))
-        if key in done:
-            return done[key]
-        out = root / f"{config.removesuffix('.yaml')}-{layout}-{len(done)}"
-        if layout == "2x2":
-            two_ranks(demo_workdir, DEMO / config, overrides(out, batch=2, extra=extra))
-        else:
-            batch, accumulation = {"1x4": (4, 1), "1x2x2": (2, 2)}[layout]
-            cwd = os.getcwd()
-            os.chdir(demo_workdir)
+        if key not in done:
+            out = root / f"{config.removesuffix('.yaml')}-{layout}-{len(done)}"
             try:
-                run_training(DEMO / config, overrides(out, batch, accumulation, extra))
-            finally:
-                os.chdir(cwd)
-        done[key] = out
-        return out
+                done[key] = _train(demo_workdir, config, layout, extra, out)
+            except Exception as error:  # kept and re-raised for every test that asks
+                done[key] = error
+        if isinstance(done[key], Exception):
+            raise done[key]
+        return done[key]
 
     return run
 
 
+def _train(workdir: Path, config: str, layout: str, extra, out: Path) -> Path:
+    if layout == "2x2":
+        two_ranks(workdir, DEMO / config, overrides(out, batch=2, extra=extra))
+        return out
+    batch, accumulation = {"1x4": (4, 1), "1x2x2": (2, 2)}[layout]
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        run_training(DEMO / config, overrides(out, batch, accumulation, extra))
+    finally:
+        os.chdir(cwd)
+    return out
+
+
 def test_gkd_with_visual_kd_two_ranks_equal_one_rank_batch_4(runs):
-    reference = runs("stage_3_visual_kd.yaml", "1x4")
-    candidate = runs("stage_3_visual_kd.yaml", "2x2")
+    reference = runs("stage_3_visual_kd.yaml", "1x4", DISTINCT_STUDENT)
+    candidate = runs("stage_3_visual_kd.yaml", "2x2", DISTINCT_STUDENT)
     records = step_records(candidate)
-    assert records[-1]["llm_kd_loss"] > 0 and records[-1]["vision_kd_loss"] > 0  # the terms are live
+    assert records[0]["llm_kd_loss"] > 0.01 and records[0]["vision_kd_loss"] > 0.01  # far above rounding
     assert_same_run(candidate, reference)
 
 
 def test_gkd_with_visual_kd_two_ranks_equal_gradient_accumulation(runs):
-    """Same micro-batch shapes on both sides: agreement without an absolute tolerance."""
-    two_ranks_run, accumulated = (
-        runs("stage_3_visual_kd.yaml", "2x2"),
-        runs("stage_3_visual_kd.yaml", "1x2x2"),
-    )
-    assert_same_run(two_ranks_run, accumulated, rel=1e-6, abs=0.0)
+    """Same micro-batch shapes on both sides, so only the reduction order differs."""
+    two_ranks_run = runs("stage_3_visual_kd.yaml", "2x2", DISTINCT_STUDENT)
+    accumulated = runs("stage_3_visual_kd.yaml", "1x2x2", DISTINCT_STUDENT)
+    assert_same_run(two_ranks_run, accumulated)
 
 
 def test_reference_loss_two_ranks_equal_one_rank_batch_4(runs):
-    extra = ("custom.kd_loss_impl=reference",)
+    extra = ("custom.kd_loss_impl=reference", *DISTINCT_STUDENT)
     reference = runs("stage_2_llm_lora_gkd.yaml", "1x4", extra)
     candidate = runs("stage_2_llm_lora_gkd.yaml", "2x2", extra)
-    assert step_records(candidate)[-1]["llm_kd_loss"] > 0
+    assert step_records(candidate)[0]["llm_kd_loss"] > 0.01
     assert_same_run(candidate, reference)
 
 
 def test_anchor_prompts_two_ranks_equal_gradient_accumulation(runs):
     """Rank r draws its own slice of each step's anchor-row stream, so 2 ranks x 2 train on the same anchor
     rows per step as 1 x 2 x accumulation 2, and anchor_kd_loss is normalised over both ranks' anchor tokens."""
-    extra = ("custom.anchor.ratio=0.5",)
+    extra = ("custom.anchor.ratio=0.5", *DISTINCT_STUDENT)
     two_ranks_run = runs("anchor_prompts.yaml", "2x2", extra)
     accumulated = runs("anchor_prompts.yaml", "1x2x2", extra)
-    assert step_records(two_ranks_run)[-1]["anchor_kd_loss"] > 0
-    assert_same_run(two_ranks_run, accumulated, terms=(*TERMS, "anchor_kd_loss"), rel=1e-6, abs=0.0)
+    assert step_records(two_ranks_run)[0]["anchor_kd_loss"] > 0.01
+    assert_same_run(two_ranks_run, accumulated, terms=(*TERMS, "anchor_kd_loss"))
 
 
 def test_sft_two_ranks_equal_one_rank_batch_4(runs):

@@ -362,3 +362,82 @@ def test_no_full_logits_tensor_is_saved_or_created(beta):
         logits = _student_logits(b)
         generalized_jsd(logits, _teacher_logits(b), b.labels, beta, 0.9).backward()
     assert max(saved_numels) >= full_logits_numel and mode.largest >= full_logits_numel
+
+
+# --- accuracy where student and teacher nearly agree, and where they are far apart -------------------------
+
+
+def _float64_jsd_and_grads(hidden, weight, teacher_hidden, teacher_weight, labels, beta, temperature):
+    """Float64 oracle: the reference JSD (mean over valid positions) and its grads."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    student = h @ w.T
+    teacher = teacher_hidden.double() @ teacher_weight.double().T
+    loss = generalized_jsd(student, teacher, labels, beta=beta, temperature=temperature)
+    loss.backward()
+    return float(loss.detach()), h.grad, w.grad
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_jsd_of_nearly_equal_distributions_keeps_its_digits_in_fp32(beta):
+    """A teacher that differs from the student by a 1e-4 perturbation of the LM head (the start of a LoRA
+    run): the JSD is 1e-8 to 1e-7 per position, below the fp32 rounding of log-probabilities near -log V.
+    Written from the logit difference, the fp32 value matches the float64 oracle to ~1e-4 (the floor set by
+    the fp32 logits themselves); the fp32 reference, which sums ``p (s - log m)``, is off by 17-43 %
+    (bench/jsd_accuracy.py). Gradients are O(u), not differences of nearly equal sums, so their accuracy
+    is the fp32 logits' either way: checked where that floor is far below the tolerance (1e-3 apart)."""
+    gen = torch.Generator().manual_seed(7)
+    vocab, hidden_size, rows = 4096, 32, 24
+    hidden = torch.randn(rows, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen) * 0.5
+    direction = torch.randn(vocab, hidden_size, generator=gen)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+
+    teacher_weight = weight + 1e-4 * direction
+    want, *_ = _float64_jsd_and_grads(hidden, weight, hidden, teacher_weight, labels, beta, 1.0)
+    assert 1e-9 < want < 1e-6  # the regime this test is about
+    out = fused_ce_jsd(
+        hidden, weight, labels, hidden, teacher_weight, beta=beta, compute_ce=False, block_rows=4
+    )
+    assert float(out.jsd) == pytest.approx(want, rel=1e-3)
+    reference = generalized_jsd(hidden @ weight.T, hidden @ teacher_weight.T, labels, beta=beta)
+    assert float(reference) != pytest.approx(want, rel=1e-2)  # what the fp32 sum form gives up
+
+    teacher_weight = weight + 1e-3 * direction
+    want, want_grad_h, want_grad_w = _float64_jsd_and_grads(
+        hidden, weight, hidden, teacher_weight, labels, beta, 1.0
+    )
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_ce_jsd(h, w, labels, hidden, teacher_weight, beta=beta, compute_ce=False, block_rows=4)
+    out.jsd.backward()
+    assert float(out.jsd) == pytest.approx(want, rel=1e-3)
+    for got, expected in ((h.grad, want_grad_h), (w.grad, want_grad_w)):
+        assert float((got.double() - expected).norm() / expected.norm()) < 5e-3
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_jsd_where_the_teacher_puts_mass_the_student_all_but_excludes(beta):
+    """Rows whose log q - log p reaches far beyond exp's fp32 range (~120 here) use the plain form: values
+    and grads stay finite and match the float64 oracle, including where p underflows to 0."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, hidden_size, rows = 512, 16, 10
+    hidden = torch.randn(rows, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen)
+    teacher_weight = torch.randn(vocab, hidden_size, generator=gen)
+    teacher_weight[5] = 40.0 * hidden.mean(0) / hidden.mean(0).norm()  # token 5: the teacher's favourite
+    weight[5] = -teacher_weight[5]  # ... which the student rules out
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    teacher_logits = hidden @ teacher_weight.T
+    student_logits = hidden @ weight.T
+    gap = (teacher_logits.log_softmax(-1) - student_logits.log_softmax(-1)).amax()
+    assert gap > 100  # beyond fp32 exp's range: q / p - 1 would overflow
+    want, want_grad_h, want_grad_w = _float64_jsd_and_grads(
+        hidden, weight, hidden, teacher_weight, labels, beta, 1.0
+    )
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_ce_jsd(h, w, labels, hidden, teacher_weight, beta=beta, compute_ce=False, block_rows=4)
+    out.jsd.backward()
+    assert torch.isfinite(out.jsd) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert float(out.jsd) == pytest.approx(want, rel=1e-4)
+    for got, expected in ((h.grad, want_grad_h), (w.grad, want_grad_w)):
+        assert float((got.double() - expected).norm() / expected.norm()) < 3e-3  # fp32 logits: <= 1e-3 either form

@@ -53,9 +53,10 @@ DEFAULT_CHUNK_SIZE = 256
 # other, 32-48 rows ~5-10% slower. On accelerators the whole chunk is one block.
 _CPU_BLOCK_BYTES = 5 * 2**20
 
-# Smallest normal fp32: floor for the mixture before its log, so that rows where p and q both
-# underflow give log m finite (their terms are multiplied by p or q ~ 0 anyway) instead of NaN.
-_FP32_TINY = torch.finfo(torch.float32).tiny
+# Largest ``u = log q - log p`` in a block for the divergence written with ``q / p - 1 = expm1(u)``: well
+# below fp32's exp overflow (u ~ 88), and with p >= q e^-20 the student's probability is never a denormal
+# where the teacher's matters. A block beyond it uses the plain form (its divergence is large anyway).
+_NEAR_LOG_RATIO = 20.0
 
 
 class FusedLossOutput(NamedTuple):
@@ -434,6 +435,12 @@ def _forward_block(
     """``(ce_sum, jsd_sum, correct)`` for one block of rows; fills ``stats[rows]``."""
     n = logits.size(0)
     zero = logits.new_zeros(())
+    inv_temperature = 1.0 / config.temperature
+    log_ratio = None
+    if config.compute_jsd:
+        # Tempered teacher minus student logits, before either is shifted: the row's log q - log p up to
+        # a constant (see _log_ratio_terms).
+        log_ratio = torch.sub(teacher_logits, logits, alpha=inv_temperature, out=workspace[0][:n])
     max_logit = logits.amax(dim=-1, keepdim=True)  # [r, 1]
     label_logit = logits.gather(1, labels.unsqueeze(1))  # [r, 1]
     # Token accuracy without an argmax pass: the label is "the argmax" iff it attains the max
@@ -447,42 +454,102 @@ def _forward_block(
         stats.lse_raw[rows] = lse_raw.squeeze(1)
         return (lse_raw - label_logit).sum(), zero, correct
 
-    mixture_buf, student_prob_buf, teacher_prob_buf = (buf[:n] for buf in workspace)
-    inv_temperature = 1.0 / config.temperature
+    student_prob_buf = workspace[1][:n]
     if stats.lse_tempered is None:  # temperature 1: CE and JSD share one softmax
         student_prob, log_norm = _softmax_parts(shifted, student_prob_buf)
-        stats.lse_raw[rows] = (max_logit + log_norm).squeeze(1)
+        student_lse = max_logit + log_norm
+        stats.lse_raw[rows] = student_lse.squeeze(1)
         if config.compute_ce:
-            ce = (max_logit + log_norm - label_logit).sum()
+            ce = (student_lse - label_logit).sum()
     else:
         if config.compute_ce:
             log_norm_raw = torch.exp(shifted, out=student_prob_buf).sum(-1, keepdim=True).log_()
             stats.lse_raw[rows] = (max_logit + log_norm_raw).squeeze(1)
             ce = (max_logit + log_norm_raw - label_logit).sum()
         student_prob, log_norm = _softmax_parts(shifted.mul_(inv_temperature), student_prob_buf)
-        stats.lse_tempered[rows] = (max_logit * inv_temperature + log_norm).squeeze(1)
-    student_logp = shifted
+        student_lse = max_logit * inv_temperature + log_norm
+        stats.lse_tempered[rows] = student_lse.squeeze(1)
 
     teacher_max = teacher_logits.amax(dim=-1, keepdim=True)
-    teacher_logp = teacher_logits.sub_(teacher_max)
-    teacher_prob, teacher_log_norm = _softmax_parts(teacher_logp, teacher_prob_buf)
-    stats.lse_teacher[rows] = (teacher_max + teacher_log_norm).squeeze(1)
+    teacher_lse = teacher_max + teacher_logits.sub_(teacher_max).exp_().sum(-1, keepdim=True).log_()
+    stats.lse_teacher[rows] = teacher_lse.squeeze(1)
 
-    beta = config.beta
-    if beta == 0:  # KL(q || p) = sum q (t - s)
-        divergence = teacher_logp.sub_(student_logp).mul_(teacher_prob).sum(-1)
-    elif beta == 1:  # KL(p || q) = sum p (s - t)
-        divergence = student_logp.sub_(teacher_logp).mul_(student_prob).sum(-1)
-        stats.kl_term[rows] = divergence
-    else:  # beta KL(q || m) + (1 - beta) KL(p || m), log m = log m' + log(1 - beta)
-        log_mixture = _unshifted_log_mixture(student_prob, teacher_prob, beta, out=mixture_buf)
-        # sum p (s - log m) = sum p (s - log m') - log(1 - beta), as sum p = 1.
-        shift = math.log1p(-beta)
-        kl_student = student_logp.sub_(log_mixture).mul_(student_prob).sum(-1) - shift
-        kl_teacher = teacher_logp.sub_(log_mixture).mul_(teacher_prob).sum(-1) - shift
-        stats.kl_term[rows] = kl_student
-        divergence = beta * kl_teacher + (1.0 - beta) * kl_student
+    log_ratio.sub_(teacher_lse - student_lse)  # u = log q - log p
+    if float(log_ratio.amax()) <= _NEAR_LOG_RATIO:
+        # The logit blocks are spent (only p and u are needed from here): they serve as scratch.
+        scratch = [teacher_logits, shifted, workspace[2][:n]]
+        divergence, row_term = _divergence_from_log_ratio(student_prob, log_ratio, config.beta, scratch)
+    else:
+        divergence, row_term = _divergence_far_apart(shifted, student_prob, log_ratio, config.beta)
+    if stats.kl_term is not None:
+        stats.kl_term[rows] = row_term
     return ce, divergence.sum(), correct
+
+
+def _divergence_far_apart(
+    student_logp: torch.Tensor,  # [r, V] s
+    student_prob: torch.Tensor,  # [r, V] p
+    log_ratio: torch.Tensor,  # [r, V] u = t - s
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_divergence_from_log_ratio` for a block where the teacher puts far more mass on some token than
+    the student (``u > _NEAR_LOG_RATIO``): there ``q / p - 1`` may overflow, while the divergence is large
+    enough that the plain form (sums of ``p (s - log m)``, log m by ``logaddexp``) loses nothing to
+    rounding. Allocates its temporaries (rare)."""
+    teacher_logp = student_logp + log_ratio
+    if beta == 0:
+        return (teacher_logp.exp() * log_ratio).sum(-1), None
+    if beta == 1:
+        divergence = -(student_prob * log_ratio).sum(-1)
+        return divergence, divergence
+    log_mixture = torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
+    kl_student = (student_prob * (student_logp - log_mixture)).sum(-1)
+    kl_teacher = (teacher_logp.exp() * (teacher_logp - log_mixture)).sum(-1)
+    return beta * kl_teacher + (1.0 - beta) * kl_student, kl_student
+
+
+def _divergence_from_log_ratio(
+    student_prob: torch.Tensor,  # [r, V] p
+    log_ratio: torch.Tensor,  # [r, V] u = log q - log p (scratch: overwritten)
+    beta: float,
+    scratch: list[torch.Tensor],  # three [r, V] buffers
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row divergences ``D`` (``[r]``) and the row term the backward needs (``[r]``: ``D`` for beta = 1,
+    ``K_s = KL(p || m)`` for 0 < beta < 1, ``None`` for beta = 0).
+
+    Written with ``u = log q - log p`` and ``x = q / p - 1 = expm1(u)``: ``q = p (1 + x)``,
+    ``m / p = 1 + beta x`` and ``L = log(m / p) = log1p(beta x)``. Per vocabulary entry, a factor ``p``
+    left out::
+
+        beta = 0      KL(q || p):  (1 + x) u - x
+        beta = 1      KL(p || q):  x - u
+        0 < beta < 1  beta [(1 + x)(u - L) - (1 - beta) x] + (1 - beta) [beta x - L];  K_s: beta x - L
+
+    The ``x`` terms add ``sum q - sum p = 0`` (and ``sum m - sum q``, ``sum m - sum p``, both 0), which
+    makes each entry ``>= 0`` and second order in ``u`` where student and teacher nearly agree: the sum
+    has no cancellation, and an error in either softmax normaliser (a constant added to ``u``) moves it
+    only to second order. ``u`` comes from the logit difference (exact where the logits are close) minus
+    the difference of the two log-normalisers. Summed as ``sum p (s - log m)`` instead, with ``s`` and
+    ``log m`` both near ``-log V``, fp32 rounding swamps the JSD of nearly equal distributions
+    (``bench/jsd_accuracy.py``).
+    """
+    ratio_m1, mixture_term, product = scratch
+    torch.expm1(log_ratio, out=ratio_m1)  # x
+    if beta == 1:
+        divergence = ratio_m1.sub_(log_ratio).mul_(student_prob).sum(-1)
+        return divergence, divergence
+    if beta == 0:
+        terms = torch.addcmul(log_ratio, ratio_m1, log_ratio, out=product).sub_(ratio_m1)  # u + x u - x
+        return terms.mul_(student_prob).sum(-1), None
+    scaled = torch.mul(ratio_m1, beta, out=mixture_term)  # beta x
+    log_mixture_ratio = torch.log1p(scaled, out=product)  # L
+    student_terms = scaled.sub_(log_mixture_ratio)  # beta x - L
+    log_ratio.sub_(log_mixture_ratio)  # u - L
+    teacher_terms = torch.addcmul(log_ratio, ratio_m1, log_ratio, out=product)  # (1 + x)(u - L)
+    teacher_terms.sub_(ratio_m1, alpha=1.0 - beta)
+    kl_student = student_terms.mul_(student_prob).sum(-1)
+    divergence = beta * teacher_terms.mul_(student_prob).sum(-1) + (1.0 - beta) * kl_student
+    return divergence, kl_student
 
 
 def _backward_block(
@@ -510,6 +577,9 @@ def _backward_block(
     ce_prob_buf, student_prob_buf = (buf[:n] for buf in workspace)
     inv_temperature = 1.0 / config.temperature
     tempered = stats.lse_tempered is not None
+    # u = log q - log p from the logit difference (see _divergence_from_log_ratio), in the teacher's buffer.
+    log_ratio = teacher_logits.sub_(logits, alpha=inv_temperature)
+    log_ratio.sub_(per_row(stats.lse_teacher) - per_row(stats.student_lse()))
     # At temperature 1 the CE softmax is the JSD's p and folds into the same product (as the
     # additive ``folded_ce`` below); otherwise it needs its own exp pass.
     ce_prob = None
@@ -519,42 +589,34 @@ def _backward_block(
 
     if tempered:
         logits.mul_(inv_temperature)
-    student_logp = logits.sub_(per_row(stats.student_lse()))  # s, in place
-    student_prob = torch.exp(student_logp, out=student_prob_buf)  # p
-    teacher_logp = teacher_logits.sub_(per_row(stats.lse_teacher))  # t, in place
+    student_prob = torch.exp(logits.sub_(per_row(stats.student_lse())), out=student_prob_buf)  # p
     beta = config.beta
-    if beta == 0:  # grad = (p - q) c + p * folded_ce, c = jsd_scale / tau
+    near = beta == 1 or float(log_ratio.amax()) <= _NEAR_LOG_RATIO  # else q / p - 1 may overflow
+    if beta == 0 and not near:  # grad = p (c + folded_ce) - c q
         scale = jsd_scale * inv_temperature
-        scaled_teacher_prob = teacher_logp.exp_().mul_(-scale)
-        torch.add(scaled_teacher_prob, student_prob, alpha=scale + folded_ce, out=logits)
-    else:  # grad = p ((s - x - k) c + folded_ce) = p (c (s - x) + (folded_ce - c k))
-        if beta == 1:  # x = t, k = D
-            scale = jsd_scale * inv_temperature
-            subtrahend = teacher_logp
-            row_term = per_row(stats.kl_term)
-        else:  # x = log m', k = K_s + log(1 - beta)
-            scale = jsd_scale * (1.0 - beta) * inv_temperature
-            teacher_prob = teacher_logp.exp_()
-            subtrahend = _unshifted_log_mixture(student_prob, teacher_prob, beta, out=teacher_prob)
-            row_term = per_row(stats.kl_term) + math.log1p(-beta)
-        student_logp.sub_(subtrahend).mul_(scale).add_(folded_ce - scale * row_term).mul_(student_prob)
+        teacher_prob = torch.add(logits, log_ratio).exp_()
+        torch.sub(student_prob * (scale + folded_ce), teacher_prob, alpha=scale, out=logits)
+    elif beta == 0:  # grad = (p - q) c + p folded_ce = p (folded_ce - c x), c = jsd_scale / tau
+        scale = jsd_scale * inv_temperature
+        factor = log_ratio.expm1_().mul_(-scale).add_(folded_ce)
+    elif beta == 1:  # grad = p (c (s - t - D) + folded_ce), s - t = -u
+        scale = jsd_scale * inv_temperature
+        factor = log_ratio.mul_(-scale).add_(folded_ce - scale * per_row(stats.kl_term))
+    else:  # grad = p (c (s - log m - K_s) + folded_ce), s - log m = -L, c = jsd_scale (1 - beta) / tau
+        scale = jsd_scale * (1.0 - beta) * inv_temperature
+        if near:  # L = log(m / p) = log1p(beta x)
+            log_mixture_ratio = log_ratio.expm1_().mul_(beta).log1p_()
+        else:  # the same, overflow-free: log((1 - beta) + beta e^u)
+            log_mixture_ratio = torch.logaddexp(
+                log_ratio.add_(math.log(beta)), log_ratio.new_tensor(math.log1p(-beta))
+            )
+        factor = log_mixture_ratio.mul_(-scale).add_(folded_ce - scale * per_row(stats.kl_term))
+    if beta != 0 or near:
+        torch.mul(factor, student_prob, out=logits)
     if ce_prob is not None:
         logits.add_(ce_prob, alpha=ce_scale)
     if ce_scale is not None:
         _subtract_at_labels(logits, labels, ce_scale)
-
-
-def _unshifted_log_mixture(
-    student_prob: torch.Tensor, teacher_prob: torch.Tensor, beta: float, out: torch.Tensor
-) -> torch.Tensor:
-    """``log(p + beta / (1 - beta) q) = log m - log(1 - beta)``, ``[r, V]`` into ``out``.
-
-    Cheaper than ``logaddexp`` of the log-probs (an exp and a log1p per element) because
-    ``p`` and ``q`` are at hand; the floor keeps it finite where both underflow. ``out`` may
-    alias ``teacher_prob``.
-    """
-    mixture = torch.add(student_prob, teacher_prob, alpha=beta / (1.0 - beta), out=out)
-    return mixture.clamp_min_(_FP32_TINY).log_()
 
 
 def _subtract_at_labels(grad: torch.Tensor, labels: torch.Tensor, value: float) -> None:

@@ -62,7 +62,7 @@ from .features import (
     visual_targets,
 )
 from .resume import ResumableGKDMixin
-from .sharding import ddp_loss_scale, gathered_params, global_window_tokens
+from .sharding import bounded_all_reduce, ddp_loss_scale, gathered_params, global_window_tokens
 
 logger = logging.getLogger("anchorkd")
 
@@ -583,7 +583,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 sums += [sum(v * w for v, w in zip(values, weights, strict=True)), float(sum(weights))]
         totals = torch.tensor(sums, dtype=torch.float64, device=self.accelerator.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)
+            bounded_all_reduce(totals, "the logged loss terms")
         reduced = {}
         for index, name in enumerate(METRIC_NAMES):
             total, weight = totals[2 * index].item(), totals[2 * index + 1].item()
