@@ -197,20 +197,21 @@ def logged_steps(log: Path) -> list[int]:
     return steps
 
 
-def wait_for_kill_point(process: subprocess.Popen, root: Path, timeout: float = 600.0) -> tuple[Path, int]:
-    """Poll until a run folder under ``root`` has a complete checkpoint and a later logged step."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed mid-training"
-        for run_dir in root.glob("v*-*"):
-            checkpoint = newest_complete_checkpoint(run_dir)
-            log = run_dir / "logging.jsonl"
-            if checkpoint is not None and log.is_file():
-                step = int(checkpoint.name.rpartition("-")[2])
-                if any(s > step for s in logged_steps(log)):
-                    return run_dir, step
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint followed by a later step within the timeout")
+KILL_POINT_WORKER = Path(__file__).with_name("kill_point_worker.py")
+HELD_AFTER_STEP = SAVE_EVERY + 1  # checkpoint-3 complete, step 4 logged, steps 5.. not yet run
+# Generous: the child loads ms-swift and the tiny model and trains 4 steps, on a loaded 2-core machine.
+HOLD_LIMIT_S = 900.0
+
+
+def wait_until_held(process: subprocess.Popen, marker: Path) -> None:
+    """Wait (at most ``HOLD_LIMIT_S``) for the child to reach its hold; fail at once if it exits instead."""
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not marker.is_file():
+        assert process.poll() is None, "the run ended before it reached the kill point"
+        assert time.monotonic() < deadline, (
+            f"the run did not reach step {HELD_AFTER_STEP} in {HOLD_LIMIT_S:.0f} s"
+        )
+        time.sleep(0.2)
 
 
 def test_sigkill_then_auto_resume_gives_one_clean_history(env):
@@ -219,7 +220,9 @@ def test_sigkill_then_auto_resume_gives_one_clean_history(env):
     straight = straight_run(env, mode)
     root = env.work / "resume-gkd-killed"
     overrides = mode_overrides(env, mode, root.name, extra=["training.add_version=true"])
-    command = [sys.executable, "-m", "anchorkd.cli", "train", "--config", str(config), *overrides]
+    marker = env.work / "resume-gkd-killed.held"
+    command = [sys.executable, str(KILL_POINT_WORKER), str(marker), str(HELD_AFTER_STEP)]
+    command += ["--config", str(config), *overrides]
     source_root = str(Path(anchorkd.__file__).resolve().parents[1])  # this checkout's package first
     child_env = {
         **os.environ,
@@ -229,14 +232,16 @@ def test_sigkill_then_auto_resume_gives_one_clean_history(env):
     with output.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=child_env)
         try:
-            run_dir, saved_step = wait_for_kill_point(process, root)
+            wait_until_held(process, marker)
             process.send_signal(signal.SIGKILL)
         finally:
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, output.read_text()[-3000:]
-    assert saved_step < max(logged_steps(run_dir / "logging.jsonl")) < steps
+    (run_dir,) = root.glob("v*-*")
+    assert newest_complete_checkpoint(run_dir).name == f"checkpoint-{SAVE_EVERY}"
+    assert max(logged_steps(run_dir / "logging.jsonl")) == HELD_AFTER_STEP < steps
 
     # A save cut short after the weights, newer than every complete one: a kill during a save leaves this.
     newest = newest_complete_checkpoint(run_dir)
