@@ -409,16 +409,11 @@ class _RowStats:
 
 
 def _softmax_parts(shifted: torch.Tensor, prob_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From ``x - max(x)`` (``[r, V]``, overwritten with ``log_softmax(x)``) write
-    ``softmax(x)`` into ``prob_out``; return ``(prob, log_normaliser [r, 1])``.
-
-    One exp per element serves both the probabilities and the log-probabilities, where
-    ``log_softmax`` followed by ``exp`` would take two.
-    """
+    """From ``x - max(x)`` (``[r, V]``, left as it is) write ``softmax(x)`` into ``prob_out``; return
+    ``(prob, log_normaliser [r, 1])``."""
     prob = torch.exp(shifted, out=prob_out)
     normaliser = prob.sum(-1, keepdim=True)
     log_normaliser = normaliser.log()
-    shifted.sub_(log_normaliser)
     prob.mul_(normaliser.reciprocal_())
     return prob, log_normaliser
 
@@ -480,7 +475,8 @@ def _forward_block(
         scratch = [teacher_logits, shifted, workspace[2][:n]]
         divergence, row_term = _divergence_from_log_ratio(student_prob, log_ratio, config.beta, scratch)
     else:
-        divergence, row_term = _divergence_far_apart(shifted, student_prob, log_ratio, config.beta)
+        student_logp = shifted.sub_(log_norm)
+        divergence, row_term = _divergence_far_apart(student_logp, student_prob, log_ratio, config.beta)
     if stats.kl_term is not None:
         stats.kl_term[rows] = row_term
     return ce, divergence.sum(), correct
@@ -517,38 +513,36 @@ def _divergence_from_log_ratio(
     """Row divergences ``D`` (``[r]``) and the row term the backward needs (``[r]``: ``D`` for beta = 1,
     ``K_s = KL(p || m)`` for 0 < beta < 1, ``None`` for beta = 0).
 
-    Written with ``u = log q - log p`` and ``x = q / p - 1 = expm1(u)``: ``q = p (1 + x)``,
-    ``m / p = 1 + beta x`` and ``L = log(m / p) = log1p(beta x)``. Per vocabulary entry, a factor ``p``
-    left out::
+    Written with ``u = log q - log p``, ``x = q / p - 1 = expm1(u)`` and ``L = log(m / p) = log1p(beta x)``
+    (``q = p (1 + x)``, ``m / p = 1 + beta x``)::
 
-        beta = 0      KL(q || p):  (1 + x) u - x
-        beta = 1      KL(p || q):  x - u
-        0 < beta < 1  beta [(1 + x)(u - L) - (1 - beta) x] + (1 - beta) [beta x - L];  K_s: beta x - L
+        beta = 0      KL(q || p) = sum p [(1 + x) u - x]
+        beta = 1      KL(p || q) = sum p (x - u)
+        0 < beta < 1  D = sum p [beta (1 + x)(u - L) - (1 - beta) L],   K_s = -sum p L
 
-    The ``x`` terms add ``sum q - sum p = 0`` (and ``sum m - sum q``, ``sum m - sum p``, both 0), which
-    makes each entry ``>= 0`` and second order in ``u`` where student and teacher nearly agree: the sum
-    has no cancellation, and an error in either softmax normaliser (a constant added to ``u``) moves it
-    only to second order. ``u`` comes from the logit difference (exact where the logits are close) minus
-    the difference of the two log-normalisers. Summed as ``sum p (s - log m)`` instead, with ``s`` and
+    Where student and teacher nearly agree, ``u``, ``x`` and ``L`` are small and each is computed to full
+    relative precision: ``u`` from the logit difference (exact where the logits are close) minus the
+    difference of the two log-normalisers, ``x`` and ``L`` by ``expm1`` and ``log1p``. The sums then
+    cancel terms of size ``|u|``, not of size ``log V``: written as ``sum p (s - log m)`` with ``s`` and
     ``log m`` both near ``-log V``, fp32 rounding swamps the JSD of nearly equal distributions
-    (``bench/jsd_accuracy.py``).
+    (``bench/jsd_accuracy.py``). The two KLs carry ``sum p x = sum q - sum p = 0``: it makes each entry
+    second order in ``u``, so an error in either log-normaliser (a constant added to ``u``) moves them only
+    to second order; the JSD needs no such term (its first-order terms cancel between its two halves).
     """
-    ratio_m1, mixture_term, product = scratch
+    ratio_m1, log_mixture_ratio, product = scratch
     torch.expm1(log_ratio, out=ratio_m1)  # x
     if beta == 1:
-        divergence = ratio_m1.sub_(log_ratio).mul_(student_prob).sum(-1)
+        divergence = ratio_m1.sub_(log_ratio).mul_(student_prob).sum(-1)  # sum p (x - u)
         return divergence, divergence
     if beta == 0:
-        terms = torch.addcmul(log_ratio, ratio_m1, log_ratio, out=product).sub_(ratio_m1)  # u + x u - x
+        terms = torch.addcmul(log_ratio, ratio_m1, log_ratio, out=product).sub_(ratio_m1)  # (1 + x) u - x
         return terms.mul_(student_prob).sum(-1), None
-    scaled = torch.mul(ratio_m1, beta, out=mixture_term)  # beta x
-    log_mixture_ratio = torch.log1p(scaled, out=product)  # L
-    student_terms = scaled.sub_(log_mixture_ratio)  # beta x - L
+    torch.mul(ratio_m1, beta, out=log_mixture_ratio).log1p_()  # L
     log_ratio.sub_(log_mixture_ratio)  # u - L
     teacher_terms = torch.addcmul(log_ratio, ratio_m1, log_ratio, out=product)  # (1 + x)(u - L)
-    teacher_terms.sub_(ratio_m1, alpha=1.0 - beta)
-    kl_student = student_terms.mul_(student_prob).sum(-1)
-    divergence = beta * teacher_terms.mul_(student_prob).sum(-1) + (1.0 - beta) * kl_student
+    teacher_terms.sub_(log_mixture_ratio, alpha=(1.0 - beta) / beta)
+    divergence = teacher_terms.mul_(student_prob).sum(-1).mul_(beta)
+    kl_student = log_mixture_ratio.mul_(student_prob).sum(-1).neg_()
     return divergence, kl_student
 
 
