@@ -89,11 +89,18 @@ def check_teacher_prompts(config: ResolvedConfig) -> None:
                 raise place.locate(error) from None
 
 
-def check_run(path: str | Path, overrides: Iterable[str] = (), *, teacher: bool = True) -> ResolvedConfig:
-    """Resolve ``path`` and run every check; raises ConfigError / DataError naming the key or file:line."""
+def check_run(
+    path: str | Path, overrides: Iterable[str] = (), *, teacher: bool = True, teacher_cache: bool = True
+) -> ResolvedConfig:
+    """Resolve ``path`` and run every check; raises ConfigError / DataError naming the key or file:line.
+    ``teacher_cache=False``: leave ``custom.teacher_cache`` unchecked (``anchorkd teacher-cache`` writes it)."""
     config = ConfigLoader.resolve(path, overrides)
     check_checkpoint_rules(config)  # LoRA targets, model type, resume settings: the checkpoints' own files
     check_data(config)
+    if teacher_cache and config.mode == "gkd" and config.custom.teacher_cache:
+        from .trainers.teacher_cache import open_for_config
+
+        open_for_config(config)  # written for this run's settings (the rows are checked by the trainer)
     if teacher and config.mode == "gkd":
         from .trainers.preflight import run_preflight
 

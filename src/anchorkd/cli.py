@@ -127,7 +127,7 @@ def _cmd_teacher_cache(ns) -> int:
     from .checks import check_run
     from .trainers.teacher_cache import write_teacher_cache
 
-    config = check_run(ns.config, ns.overrides)
+    config = check_run(ns.config, ns.overrides, teacher_cache=False)  # the cache is what this writes
     stats = write_teacher_cache(config, ns.out, k=ns.k, batch_size=ns.batch_size)
     print(
         f"anchorkd: teacher cache {ns.out}: {stats.rows} rows ({stats.rows_written} written, "

@@ -38,6 +38,14 @@ def use_separate_teacher_copy(train_args: Any, model_path: str) -> None:
     train_args.teacher_model_type = train_args.teacher_model_type or train_args.model_type
 
 
+def load_no_teacher(train_args: Any) -> None:
+    """Make ms-swift load no teacher and run none (a run trained from ``custom.teacher_cache``): neither a
+    separate copy nor the adapter-disabled student."""
+    setattr(train_args, _TEACHER_DISABLED_ADAPTER, False)
+    train_args.teacher_model = None
+    train_args.teacher_model_type = None
+
+
 def arguments_classes() -> tuple[type, type]:
     """(SftArguments, RLHFArguments): the argument dataclasses an anchorkd run is built from."""
     from swift.arguments import RLHFArguments, SftArguments

@@ -628,6 +628,41 @@ def test_an_alert_threshold_that_switches_its_alert_off_is_refused(tmp_path, gkd
     assert "must be a finite number" in str(error) and "custom.monitor.enabled: false" in str(error)
 
 
+def test_teacher_cache_needs_gkd_monitor(tmp_path, gkd):
+    gkd["custom"] = {"teacher_cache": str(tmp_path / "cache")}
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.teacher_cache" and "custom.trainer_variant: gkd_monitor" in str(error)
+
+
+@pytest.mark.parametrize("lmbda", [0.5, None])  # None: ms-swift's default (0.5)
+def test_teacher_cache_needs_forward_only_kd(tmp_path, gkd, lmbda):
+    gkd["custom"]["teacher_cache"] = str(tmp_path / "cache")
+    if lmbda is None:
+        del gkd["rlhf"]["lmbda"]
+    else:
+        gkd["rlhf"]["lmbda"] = lmbda
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.teacher_cache" and "rlhf.lmbda: 0" in str(error) and "0.5" in str(error)
+    gkd["rlhf"]["lmbda"] = 0.0
+    assert ConfigLoader.resolve(write_config(tmp_path, gkd), check_files=False).custom.teacher_cache
+
+
+def test_teacher_cache_refuses_visual_kd(tmp_path, gkd):
+    gkd["custom"].update(
+        {"teacher_cache": str(tmp_path / "cache"), "visual_kd": {"enabled": True, "weight": 1.0}}
+    )
+    gkd["tuner"]["freeze_aligner"] = False
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.teacher_cache" and "visual KD" in str(error)
+
+
+def test_teacher_cache_refuses_seq_kd(tmp_path, gkd):
+    gkd["custom"]["teacher_cache"] = str(tmp_path / "cache")
+    gkd["rlhf"]["seq_kd"] = True
+    error = only_error(tmp_path, gkd)
+    assert error.key_path == "custom.teacher_cache" and "rlhf.seq_kd" in str(error)
+
+
 def test_every_rule_is_exercised_by_a_test_here():
     source = Path(__file__).read_text()
     named = {
@@ -650,6 +685,10 @@ def test_every_rule_is_exercised_by_a_test_here():
         "rule_anchor_needs_padded_batches": "test_anchor_needs_padded_batches",
         "rule_anchor_ratio_gives_a_row": "test_an_anchor_ratio_that_rounds_to_no_row_is_refused",
         "rule_generation_batch_fits_the_global_batch": "test_generation_batch_fits_the_global_batch",
+        "rule_teacher_cache_needs_gkd_monitor": "test_teacher_cache_needs_gkd_monitor",
+        "rule_teacher_cache_needs_forward_only": "test_teacher_cache_needs_forward_only_kd",
+        "rule_teacher_cache_no_visual_kd": "test_teacher_cache_refuses_visual_kd",
+        "rule_teacher_cache_no_seq_kd": "test_teacher_cache_refuses_seq_kd",
         "rule_teacher_required_for_kd": "test_teacher_required_for_kd",
         "rule_visual_kd_needs_trainable_vision": "test_visual_kd_needs_a_trainable_vision_path",
         "rule_cpu_data_parallel_needs_use_cpu": "test_explicit_use_cpu_false_with_several_cpu_ranks_is_refused",

@@ -322,6 +322,7 @@ def _fake_trainer(impl: str) -> GKDTrainerWithMetrics:
         teacher_mode="separate",
         seq_kd=False,
         anchor_prompts=AnchorPromptsConfig(dataset=["anchors.jsonl"], weight=2.0, ratio=0.5),
+        teacher_cache=None,
     )
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     trainer._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}

@@ -495,10 +495,13 @@ def _settle_teacher_mode(train_args, config: ResolvedConfig) -> TeacherMode:
     Weights trained outside LoRA (``modules_to_save``, ``trainable_parameters[_regex]``) would stay
     switched on in such a "teacher", anchoring the student partly to itself: load a frozen copy then.
     """
-    from ..swift_seam import teacher_is_disabled_adapter, use_separate_teacher_copy
+    from ..swift_seam import load_no_teacher, teacher_is_disabled_adapter, use_separate_teacher_copy
 
     if config.mode != "gkd":
         return "none"
+    if config.custom.teacher_cache:
+        load_no_teacher(train_args)  # the LM-head KD reads the cache (the rules refused every other KD term)
+        return "cached"
     if not teacher_is_disabled_adapter(train_args):
         _inherit_teacher_model_type(train_args, config.sections["model"]["model"])
         return "separate"

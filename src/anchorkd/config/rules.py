@@ -394,6 +394,49 @@ def rule_anchor_ratio_gives_a_row(draft: ConfigDraft) -> None:
         )
 
 
+# --- training from the teacher cache (custom.teacher_cache) ----------------------------------------------
+
+
+def rule_teacher_cache_needs_gkd_monitor(draft: ConfigDraft) -> None:
+    if draft.custom.teacher_cache and not (draft.is_gkd and draft.uses_gkd_monitor):
+        raise ConfigError(
+            "custom.teacher_cache",
+            "the cached teacher is read by anchorkd's GKD trainer: set rlhf.rlhf_type: gkd and "
+            "custom.trainer_variant: gkd_monitor",
+        )
+
+
+def rule_teacher_cache_needs_forward_only(draft: ConfigDraft) -> None:
+    """On-policy batches are the student's own samples, whose positions no cache can hold."""
+    if not (draft.custom.teacher_cache and draft.is_gkd):
+        return
+    lmbda = draft.rlhf.get("lmbda", default_value("lmbda"))
+    if lmbda != 0:
+        raise ConfigError(
+            "custom.teacher_cache",
+            f"needs forward-only KD (rlhf.lmbda: 0), got rlhf.lmbda {lmbda!r}: the student's own samples "
+            "(on-policy batches) have no cached teacher distribution",
+        )
+
+
+def rule_teacher_cache_no_visual_kd(draft: ConfigDraft) -> None:
+    if draft.custom.teacher_cache and draft.custom.visual_kd.enabled:
+        raise ConfigError(
+            "custom.teacher_cache",
+            "caches the teacher's LM-head distribution only; visual KD needs the teacher's merger features "
+            "at every step: turn custom.visual_kd off or train with the live teacher",
+        )
+
+
+def rule_teacher_cache_no_seq_kd(draft: ConfigDraft) -> None:
+    if draft.custom.teacher_cache and draft.knobs.seq_kd:
+        raise ConfigError(
+            "custom.teacher_cache",
+            "not supported with rlhf.seq_kd (which loads the teacher before training to write its answers, "
+            "while a cached run loads none): remove one of the two",
+        )
+
+
 # --- values ms-swift derives when it builds the arguments ------------------------------------------------
 
 
@@ -585,6 +628,10 @@ RULES: tuple[Rule, ...] = (
     rule_anchor_needs_padded_batches,
     rule_anchor_ratio_gives_a_row,
     rule_generation_batch_fits_the_global_batch,
+    rule_teacher_cache_needs_gkd_monitor,
+    rule_teacher_cache_needs_forward_only,
+    rule_teacher_cache_no_visual_kd,
+    rule_teacher_cache_no_seq_kd,
     rule_teacher_required_for_kd,
     rule_visual_kd_needs_trainable_vision,
     rule_cpu_data_parallel_needs_use_cpu,

@@ -217,6 +217,9 @@ class CustomConfig(StrictModel):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     teacher_targets: TeacherTargetsConfig = Field(default_factory=TeacherTargetsConfig)
     anchor: AnchorPromptsConfig = Field(default_factory=AnchorPromptsConfig)
+    # A folder written by ``anchorkd teacher-cache``: LM-head KD from the teacher's cached top-k, no teacher
+    # loaded (``anchorkd.trainers.teacher_cache``).
+    teacher_cache: str | None = None
 
 
 class AnchorRlhfKnobs(StrictModel):

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from .loader import ResolvedConfig
 
 RunMode = Literal["sft", "gkd", "rlhf"]
-# none: no teacher; base_anchor: the student with its LoRA adapter switched off; separate: a frozen copy.
-TeacherMode = Literal["none", "base_anchor", "separate"]
+# none: no teacher; base_anchor: the student with its LoRA adapter switched off; separate: a frozen copy;
+# cached: no teacher model, its top-k distributions read from custom.teacher_cache.
+TeacherMode = Literal["none", "base_anchor", "separate", "cached"]
 
 
 class ActiveTerms:
@@ -66,6 +67,8 @@ class AnchorSettings(ActiveTerms, BaseModel):
     seq_kd: bool
     # KD-only anchor prompts (``custom.anchor``); their files hold an answer on every row by training time.
     anchor_prompts: AnchorPromptsConfig
+    # The teacher cache folder (``custom.teacher_cache``), or None for a live teacher.
+    teacher_cache: str | None
 
     @classmethod
     def from_config(cls, config: ResolvedConfig, teacher_mode: TeacherMode) -> AnchorSettings:
@@ -81,6 +84,7 @@ class AnchorSettings(ActiveTerms, BaseModel):
             teacher_mode=teacher_mode,
             seq_kd=config.seq_kd,
             anchor_prompts=custom.anchor,
+            teacher_cache=custom.teacher_cache if config.mode == "gkd" else None,
         )
 
 

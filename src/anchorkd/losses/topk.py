@@ -74,8 +74,9 @@ from typing import NamedTuple
 
 import torch
 
+from .anchor import AnchoredTerms, split_rows
 from .fused import DEFAULT_CHUNK_SIZE, FusedLossOutput
-from .jsd import IGNORE_INDEX, Reduction, _at_least_fp32, _check_beta_temperature, _safe_divide
+from .jsd import IGNORE_INDEX, Reduction, _at_least_fp32, _check_beta_temperature, _safe_divide, masked_ce
 
 __all__ = [
     "TeacherTopK",
@@ -85,6 +86,8 @@ __all__ = [
     "student_buckets",
     "teacher_buckets",
     "teacher_topk",
+    "topk_token_losses",
+    "reference_topk_token_losses",
 ]
 
 # Rows per element-wise block inside a chunk on CPU (as anchorkd.losses.fused): ~5 MB slices stay in cache.
@@ -282,6 +285,95 @@ def fused_ce_topk_jsd(
     return FusedLossOutput(
         _safe_divide(ce_sum, denominator), _safe_divide(jsd_sum, denominator), n_valid, correct
     )
+
+
+def topk_token_losses(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    anchor_rows: torch.Tensor | None,
+    teacher: TeacherTopK,
+    *,
+    beta: float,
+    temperature: float,
+    domain_items: int,
+    anchor_items: int,
+    lm_kd: bool,
+    anchored: bool,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    student_lm_head_bias: torch.Tensor | None = None,
+) -> AnchoredTerms:
+    """Domain CE, domain JSD and anchor-row JSD against a cached teacher: :func:`fused_ce_topk_jsd` on each
+    kind of row (the counterpart of ``anchorkd.losses.terms.fused_token_losses``).
+
+    Args:
+        student_hidden: ``[B, T, H]``; lm_head_weight ``[V, H]``; labels ``[B, T]`` shifted.
+        anchor_rows: ``[B]`` bool, or None. teacher: ``[B, T, k]`` / ``[B, T]`` on the same positions.
+        domain_items / anchor_items / lm_kd / anchored: as in ``fused_token_losses``.
+    """
+    domain_labels, anchor_labels = split_rows(labels, anchor_rows)
+    common = {
+        "beta": beta,
+        "temperature": temperature,
+        "chunk_size": chunk_size,
+        "student_lm_head_bias": student_lm_head_bias,
+    }
+    domain = fused_ce_topk_jsd(
+        student_hidden,
+        lm_head_weight,
+        domain_labels,
+        teacher if lm_kd else None,
+        num_items=domain_items,
+        compute_ce=True,
+        compute_jsd=lm_kd,
+        **common,
+    )
+    anchor_jsd = domain.jsd.new_zeros(())
+    if anchored:
+        anchor_jsd = fused_ce_topk_jsd(
+            student_hidden,
+            lm_head_weight,
+            anchor_labels,
+            teacher,
+            num_items=anchor_items,
+            compute_ce=False,
+            compute_jsd=True,
+            **common,
+        ).jsd
+    return AnchoredTerms(domain.ce, domain.jsd, anchor_jsd, int(domain.correct_tokens))
+
+
+def reference_topk_token_losses(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    anchor_rows: torch.Tensor | None,
+    teacher: TeacherTopK,
+    *,
+    beta: float,
+    temperature: float,
+    domain_items: int,
+    anchor_items: int,
+    lm_kd: bool,
+    anchored: bool,
+) -> AnchoredTerms:
+    """The same terms from full ``[B, T, V]`` student logits (``kd_loss_impl: reference``)."""
+    domain_labels, anchor_labels = split_rows(labels, anchor_rows)
+    ce = masked_ce(student_logits, domain_labels, num_items=domain_items)
+    zero = ce.new_zeros(())
+    settings = {"beta": beta, "temperature": temperature}
+    jsd = (
+        reference_topk_jsd(student_logits, teacher, domain_labels, num_items=domain_items, **settings)
+        if lm_kd
+        else zero
+    )
+    anchor_jsd = (
+        reference_topk_jsd(student_logits, teacher, anchor_labels, num_items=anchor_items, **settings)
+        if anchored
+        else zero
+    )
+    valid = domain_labels != IGNORE_INDEX
+    correct = int((student_logits.argmax(-1)[valid] == domain_labels[valid]).sum())
+    return AnchoredTerms(ce, jsd, anchor_jsd, correct)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ WINDOW_VISUAL_TOKENS = "anchorkd_window_visual_tokens"
 ANCHOR_ROWS = "anchorkd_anchor_rows"
 # The key that marks a drawn anchor row through ms-swift's sample building (it lands in GKDSample.extra).
 ANCHOR_ROW_FLAG = "anchorkd_anchor_row"
+# A micro-batch's cached teacher (``custom.teacher_cache``): a TeacherTopK on its supervised positions.
+CACHED_TEACHER = "anchorkd_cached_teacher"
 
 
 @dataclasses.dataclass
@@ -157,11 +159,15 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
     ``anchor_rows`` (the anchor prompts as ms-swift loads a data set) when ``custom.anchor`` is set.
     """
 
+    # The teacher cache (``custom.teacher_cache``) opened at construction; None: a live teacher.
+    _teacher_cache = None
+
     def __init__(self, model=None, *args, anchor_settings: AnchorSettings, anchor_rows=None, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.anchor = anchor_settings
         self._anchor_rows = anchor_rows
         self._anchor_mixer = self._make_anchor_mixer()
+        self._teacher_cache = self._open_teacher_cache()
         # Our loss is already normalised over the accumulation window; HF must not divide it again.
         seam.mark_loss_scaled_for_accumulation(self)
         self._metric_weights = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -201,6 +207,31 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         )
         return mixer
 
+    def _open_teacher_cache(self):
+        """The teacher cache of ``custom.teacher_cache`` (its settings were checked against the config before
+        any model loaded), with every training and anchor row in it: the first missing row is refused here,
+        before the first step."""
+        if self.anchor.teacher_cache is None:
+            return None
+        from .teacher_cache import TeacherCache, row_description, row_key
+
+        cache = TeacherCache.open(self.anchor.teacher_cache)
+        kinds = (
+            ("training row", self.train_dataset),
+            ("anchor row", self._anchor_rows or []),
+            ("validation row", self.eval_dataset or []),
+        )
+        for kind, rows in kinds:
+            for index, row in enumerate(rows):
+                sample = self.to_samples([row])[0]
+                if row_key(sample) not in cache:
+                    missing = row_description(sample, f"{kind} {index}")
+                    cache.require([("", missing)])  # raises, naming it
+        logger.info(
+            "teacher cache: %s (%d rows, k=%d); no teacher runs", cache.folder, len(cache), cache.settings.k
+        )
+        return cache
+
     def _check_matches_settings(self) -> None:
         """The rules (``anchorkd.config.rules``) refused every unsupported combination before any model
         loaded; this only guards against a trainer built by hand around them."""
@@ -216,7 +247,9 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         """What ms-swift actually set up (checked against the settings at construction)."""
         if self.teacher_model is not None:
             return "separate"
-        return "base_anchor" if seam.teacher_is_disabled_adapter(self) else "none"
+        if seam.teacher_is_disabled_adapter(self):
+            return "base_anchor"
+        return "cached" if self._teacher_cache is not None else "none"
 
     @property
     def visual_kd(self):
@@ -287,15 +320,26 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         rows (``anchor_mix.interleave``)."""
         anchors = [s for s in samples if is_anchor_sample(s)]
         if not anchors:
-            return super().split_by_mini_batches(samples)
-        domain = [s for s in samples if not is_anchor_sample(s)]
-        chunks, _ = interleave(super().split_by_mini_batches(domain), anchors)
+            chunks = super().split_by_mini_batches(samples)
+        else:
+            domain = [s for s in samples if not is_anchor_sample(s)]
+            chunks, _ = interleave(super().split_by_mini_batches(domain), anchors)
+        self._last_split = chunks  # the rows of each micro-batch, for the cached teacher
         return chunks
 
     def _prepare_batch_inputs(self, samples):
         """ms-swift's micro-batches of the buffer (split as above); with anchor rows in it, each micro-batch
         gets its per-row flags (``ANCHOR_ROWS``), read off the layout the split made."""
+        cached_rows = self._cached_row_ids(samples)  # before encoding, which edits the messages in place
         batches = super()._prepare_batch_inputs(samples)
+        if cached_rows is not None:
+            from .teacher_cache import batch_teacher
+
+            for batch, chunk in zip(batches, self._last_split, strict=True):
+                labels = shift_labels(batch[seam.MODEL_INPUTS][seam.LABELS])
+                batch[CACHED_TEACHER] = batch_teacher(
+                    self._teacher_cache, [cached_rows[id(sample)] for sample in chunk], labels
+                )
         anchors = sum(1 for sample in samples if is_anchor_sample(sample))
         if anchors:
             labels = [batch[seam.MODEL_INPUTS][seam.LABELS] for batch in batches]
@@ -303,6 +347,20 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
             for batch, rows, row_flags in zip(batches, labels, flags, strict=True):
                 batch[ANCHOR_ROWS] = torch.tensor(row_flags, dtype=torch.bool, device=rows.device)
         return batches
+
+    def _cached_row_ids(self, samples) -> dict[int, tuple[str, str]] | None:
+        """Per sample (by identity) its cache key and description, with a teacher cache; else None."""
+        if self._teacher_cache is None:
+            return None
+        from .teacher_cache import row_description, row_key
+
+        return {
+            id(sample): (
+                row_key(sample),
+                row_description(sample, "anchor row" if is_anchor_sample(sample) else "row"),
+            )
+            for sample in samples
+        }
 
     def _annotate_buffer(self, buffer: list[dict]) -> None:
         accumulation = self.args.gradient_accumulation_steps
@@ -359,12 +417,23 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         teacher = TeacherPass()
         # Decided by the settings, not by the micro-batch, so every rank runs the same forwards (ZeRO-3
         # gathers parameters collectively inside them).
-        need_lm = self._teacher_language_model_runs
+        need_lm = self._teacher_language_model_runs and self._teacher_cache is None
         if need_lm or self.anchor.visual_kd_active:
             teacher_inputs = without_labels(inputs[seam.TEACHER_INPUTS])
             teacher = self._run_teacher_forward(model, teacher_inputs, need_lm=need_lm, fused=fused)
 
-        if fused:
+        if self._teacher_cache is not None:
+            token_losses = self._cached_token_losses(
+                model,
+                student_features.get(BODY),
+                outputs,
+                inputs,
+                labels,
+                anchor_rows,
+                domain_tokens,
+                anchor_tokens,
+            )
+        elif fused:
             token_losses = self._fused_token_losses(
                 model, student_features[BODY], teacher, labels, anchor_rows, domain_tokens, anchor_tokens
             )
@@ -527,6 +596,42 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 chunk_size=self.anchor.kd_chunk_size or DEFAULT_CHUNK_SIZE,
                 student_lm_head_bias=bias,
                 teacher_lm_head_bias=teacher_bias,
+            )
+
+    def _cached_token_losses(
+        self,
+        model,
+        student_hidden: torch.Tensor | None,
+        outputs,
+        inputs: dict,
+        labels: torch.Tensor,
+        anchor_rows: torch.Tensor | None,
+        domain_tokens: TokenWindow,
+        anchor_tokens: TokenWindow,
+    ) -> TokenLosses:
+        """The token losses against the cached teacher of the micro-batch (``custom.teacher_cache``): the
+        fused top-k + tail JSD from the student's hidden states, or the reference one from its logits."""
+        from ..losses.topk import reference_topk_token_losses, topk_token_losses
+
+        teacher = inputs.get(CACHED_TEACHER)
+        if teacher is None:
+            raise RuntimeError(
+                "a micro-batch without its cached teacher: build trainers through anchorkd's pipeline"
+            )
+        settings = self._token_loss_settings(domain_tokens, anchor_tokens)
+        if self.anchor.kd_loss_impl != "fused":
+            return reference_topk_token_losses(outputs.logits, labels, anchor_rows, teacher, **settings)
+        weight, bias = lm_head_weight(find_lm_head(self.accelerator.unwrap_model(model)))
+        with gathered_params([weight, bias]) as (weight, bias):
+            return topk_token_losses(
+                student_hidden,
+                weight,
+                labels,
+                anchor_rows,
+                teacher,
+                **settings,
+                chunk_size=self.anchor.kd_chunk_size or DEFAULT_CHUNK_SIZE,
+                student_lm_head_bias=bias,
             )
 
     def _visual_term(self, student_features, teacher_features, model_inputs, inputs) -> LossTerm | None:

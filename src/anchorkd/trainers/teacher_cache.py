@@ -395,16 +395,82 @@ def _next_shard_serial(folder: Path, rank: int) -> int:
     return max(serials, default=-1) + 1
 
 
+# --- reading it while training --------------------------------------------------------------------------
+
+
+def open_for_config(config) -> TeacherCache:
+    """The cache of a resolved config's ``custom.teacher_cache``, refused (naming the differing key) when it
+    was written for other settings. Run by ``anchorkd.checks.check_run``, before any model loads."""
+    folder = Path(config.custom.teacher_cache).expanduser().resolve()
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise ConfigError(
+            "custom.teacher_cache",
+            f"no teacher cache at {folder} ({MANIFEST} missing): write it first with `anchorkd teacher-cache`",
+        )
+    written = CacheSettings.from_dict(read_json_object(manifest), str(manifest))
+    return TeacherCache.open(folder, cache_settings_for(config, written.k, folder))
+
+
+def row_description(sample: Any, where: str = "row") -> str:
+    """``where`` and the start of the row's first message, for errors (taken before encoding)."""
+    messages = getattr(sample, "messages", None) or [{}]
+    content = messages[0].get("content", "") if isinstance(messages[0], dict) else ""
+    if not isinstance(content, str):
+        content = json.dumps(content, ensure_ascii=False, default=str)
+    text = " ".join(content.split())
+    return f"{where} ({text[:60]!r}{'...' if len(text) > 60 else ''})"
+
+
+def batch_teacher(cache: TeacherCache, rows: Sequence[tuple[str, str]], labels: torch.Tensor) -> TeacherTopK:
+    """The cached teacher of a micro-batch, ``[B, T, k]`` / ``[B, T]`` on ``labels``' device, placed at the
+    supervised positions of its ``[B, T]`` shifted ``labels`` (zeros elsewhere: never read).
+
+    ``rows``: per row ``(key, description)``. A row the cache lacks, or whose cached position count differs
+    from its supervised positions in this run, is refused naming it."""
+    batch, length = labels.shape
+    k = cache.settings.k
+    logprobs = torch.zeros(batch, length, k, dtype=torch.float32)
+    ids = torch.zeros(batch, length, k, dtype=torch.int64)
+    log_tail = torch.zeros(batch, length, dtype=torch.float32)
+    supervised = (labels != -100).cpu()
+    for b, (key, description) in enumerate(rows):
+        if key not in cache:
+            raise DataError(
+                str(cache.folder),
+                f"the teacher cache has no entry for {description}: run `anchorkd teacher-cache` on this config",
+            )
+        positions = supervised[b].nonzero().squeeze(1)
+        top = cache.row(key)
+        if top.ids.size(0) != positions.numel():
+            raise DataError(
+                str(cache.folder),
+                f"{description} has {positions.numel()} supervised positions in this run but "
+                f"{top.ids.size(0)} in the teacher cache (encoded differently): write the cache again with "
+                "`anchorkd teacher-cache`",
+            )
+        logprobs[b, positions] = top.logprobs.float()
+        ids[b, positions] = top.ids.long()
+        log_tail[b, positions] = top.log_tail.float()
+    device = labels.device
+    return TeacherTopK(logprobs.to(device), ids.to(device), log_tail.to(device))
+
+
 # --- the command ---------------------------------------------------------------------------------------
 
 
 def cache_settings_for(config, k: int, folder: Path) -> CacheSettings:
     """The settings a resolved KD config's cache is keyed by (the teacher's file digests are memoised in
     ``folder``, as the teacher-target cache does)."""
+    from ..config.swift_keys import default_value
     from .teacher_targets import Teacher, teacher_fingerprint
 
     sections = config.sections
     rlhf, template = sections["rlhf"], sections["template"]
+    # The trainer's temperature: ms-swift's default (0.9) where the config leaves it out.
+    temperature = rlhf.get(
+        "temperature", sections["training"].get("temperature", default_value("temperature"))
+    )
     adapters = rlhf.get("teacher_adapters") or []
     teacher = Teacher(
         model=Path(rlhf.get("teacher_model") or sections["model"]["model"]).expanduser().resolve(),
@@ -418,7 +484,7 @@ def cache_settings_for(config, k: int, folder: Path) -> CacheSettings:
         template=template.get("template"),
         max_length=template.get("max_length"),
         max_pixels=template.get("max_pixels"),
-        temperature=float(rlhf.get("temperature", 1.0)),
+        temperature=float(temperature),
         k=int(k),
     )
 
@@ -434,12 +500,14 @@ def write_teacher_cache(
     from .pipeline import build_pipeline, settings_for_run
 
     folder = Path(out).expanduser().resolve()
+    # The cache is written with the live teacher, also from a config that trains from it.
+    config = dataclasses.replace(config, custom=config.custom.model_copy(update={"teacher_cache": None}))
     settings = cache_settings_for(config, k, folder)
     run_settings = settings_for_run(
         config
     )  # seq_kd answers and answered anchor prompts, as training sees them
     trainer = build_pipeline(run_settings).build_trainer()
-    rows = [*trainer.train_dataset, *(trainer._anchor_rows or [])]
+    rows = [*trainer.train_dataset, *(trainer._anchor_rows or []), *(trainer.eval_dataset or [])]
     stats = write_from_trainer(
         trainer,
         rows,
