@@ -92,3 +92,24 @@ def test_under_torchrun_itself_only_rank_0_says_the_refusal(demo_workdir, tmp_pa
     assert len(errors) == 1, result.stderr[-4000:]
     assert errors[0].endswith("training.adam_beta1 (in (command line)): must be in [0, 1), got 1.0")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refusal_only_ms_swift_makes_comes_before_the_teacher_answers_anchor_prompts(
+    demo_workdir, tmp_path
+):
+    """``rlhf.gkd_logits_topk: 0`` is refused by ms-swift's argument classes, not by an anchorkd rule. For a run
+    whose teacher first answers the anchor prompts, ``train`` builds ms-swift's arguments before the teacher
+    loads: the refusal names the key, and no teacher-answer cache and no run folder are written."""
+    out, cache = tmp_path / "run", tmp_path / "answers"
+    config = DEMO_GKD.with_name("anchor_prompts.yaml")
+    anchors = Path(demo_workdir) / "outputs" / "demo" / "data" / "anchor.jsonl"  # prompt-only rows
+    result = run(
+        demo_workdir,
+        [sys.executable, "-m", "anchorkd.cli", "train", str(config), f"training.output_dir={out}"]
+        + [f"custom.anchor.dataset=[{anchors}]", f"custom.teacher_targets.cache_dir={cache}"]
+        + ["rlhf.gkd_logits_topk=0"],
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "rlhf.gkd_logits_topk" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not cache.exists()

@@ -115,6 +115,10 @@ def settings_for_run(config: ResolvedConfig, *, writer: bool | None = None) -> R
     from ..config import ConfigLoader
     from .teacher_targets import with_teacher_targets
 
+    if config.seq_kd or config.anchor_prompts_active:
+        # ms-swift's own argument checks (those anchorkd does not repeat) on the config as written, before
+        # the teacher loads and answers: a run ms-swift would refuse writes no teacher-answer cache.
+        ConfigLoader.build_settings(config, create_output_dir=False)
     trained = with_teacher_targets(config, writer=is_launch_main_process() if writer is None else writer)
     return ConfigLoader.build_settings(trained)
 
