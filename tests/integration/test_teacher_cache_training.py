@@ -99,6 +99,7 @@ def test_cached_kd_is_the_top_k_jsd_of_the_live_teacher(env, tmp_path):
     student_tail = student_buckets(student[supervised], top.ids, temperature)[:, -1].exp()
     bound = float((math.log(2) * ((1 - beta) * student_tail + beta * top.log_tail.exp())).mean())
     gap = full.jsd - topk_jsd
+    print(f"\nfull JSD {full.jsd:.6g}, top-{K} + tail {topk_jsd:.6g}, bound on the gap {bound:.6g}")
     assert -1e-5 * full.jsd <= gap <= bound, (full.jsd, topk_jsd, bound)
 
 
@@ -146,7 +147,7 @@ def test_two_ranks_from_the_cache_equal_gradient_accumulation(demo_workdir, tmp_
     two_ranks(demo_workdir, ANCHORED, overrides(tmp_path / "2x2", batch=2, extra=cached))
     train_here(demo_workdir, ANCHORED, overrides(tmp_path / "1x2x2", 2, 2, cached))
     first = step_records(tmp_path / "2x2")[0]
-    assert first["llm_kd_loss"] > 0.01 and first["anchor_kd_loss"] > 0.01
+    assert first["llm_kd_loss"] > 1e-3 and first["anchor_kd_loss"] > 1e-3
     assert_same_run(
         tmp_path / "2x2", tmp_path / "1x2x2", terms=("loss", "sft_loss", "llm_kd_loss", "anchor_kd_loss")
     )
@@ -156,11 +157,16 @@ def test_resume_from_the_cache_equals_the_straight_run(demo_workdir, tmp_path):
     """The cache is keyed by row content, so a resumed run reads the same rows' teacher on the same steps."""
     args = overrides(tmp_path / "writer", 2, 1, DISTINCT_STUDENT)
     folder = write_cache(demo_workdir, GKD, args, tmp_path / "cache")
-    cached = (*DISTINCT_STUDENT, f"custom.teacher_cache={folder}", "training.save_steps=2")
+    cached = (
+        *DISTINCT_STUDENT,
+        f"custom.teacher_cache={folder}",
+        "training.save_steps=2",
+        "training.save_total_limit=10",
+    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_here(demo_workdir, GKD, overrides(straight, 2, 1, cached))
     shutil.copytree(straight, resumed, symlinks=True)  # the run went on after checkpoint-2, then stopped
     resume = f"training.resume_from_checkpoint={resumed / 'checkpoint-2'}"
     assert train_here(demo_workdir, GKD, overrides(resumed, 2, 1, (*cached, resume)))["global_step"] == 3
-    assert step_records(resumed)[-1]["llm_kd_loss"] > 0.01
+    assert step_records(resumed)[-1]["llm_kd_loss"] > 1e-3
     assert_same_run(resumed, straight, terms=("loss", "sft_loss", "llm_kd_loss"))
