@@ -103,6 +103,28 @@ def test_cached_kd_is_the_top_k_jsd_of_the_live_teacher(env, tmp_path):
     assert -1e-5 * full.jsd <= gap <= bound, (full.jsd, topk_jsd, bound)
 
 
+def test_an_evaluation_pass_reads_the_validation_rows_from_the_cache(env, tmp_path):
+    live = env.overrides("cache-eval")
+    with h.preserved_environment():
+        tc.write_teacher_cache(ConfigLoader.resolve(h.STAGE2_GKD_DEMO, live), tmp_path / "cache", k=4)
+    cached = h.build(h.STAGE2_GKD_DEMO, [*live, f"custom.teacher_cache={tmp_path / 'cache'}"]).trainer
+    h.ensure_accelerator(cached)
+    rows = list(cached.eval_dataset)
+    assert rows
+    cached.model.eval()
+    try:
+        batch = cached._prepare_inputs(rows)
+        teacher = batch[CACHED_TEACHER]
+        supervised = batch["model_inputs"]["labels"][:, 1:] != -100
+        assert teacher.ids.shape[-1] == 4 and bool((teacher.log_tail[:, :-1][supervised] < 0).all())
+        cached.compute_loss(cached.model, h.copy_batch(batch))
+        # The student is still the teacher here (LoRA B = 0): the term is ~0, only its presence is checked.
+        assert math.isfinite(h.log_now(cached)["eval_llm_kd_loss"])
+    finally:
+        h.reset(cached)
+        cached.model.train()
+
+
 def test_a_cache_for_other_settings_or_missing_a_row_is_refused_before_training(env, tmp_path):
     live = env.overrides("cache-refusals", steps=1)
     folder = tmp_path / "cache"
