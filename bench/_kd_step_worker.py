@@ -119,7 +119,9 @@ def _describe_teacher(trainer) -> str:
 
     if getattr(trainer, "teacher_model", None) is not None:
         return "separate"
-    return "base_anchor" if teacher_is_disabled_adapter(trainer) else "none"
+    if teacher_is_disabled_adapter(trainer):
+        return "base_anchor"
+    return "cached" if getattr(trainer, "_teacher_cache", None) is not None else "none"
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,8 @@
 #                  losses and every trained weight
 #   offload        separate teacher with and without rlhf.offload_teacher_model (bf16, the bench's large
 #                  model): same losses; step time and peak reserved GPU memory of both
+#   teacher_cache  separate live teacher vs training from its top-64 cache (custom.teacher_cache, bf16, the
+#                  bench's large model): step time and peak reserved GPU memory of both, and the cache pass
 #   kd_step        bench/kd_step.py --model-size large --dtype bf16 (sequence length 1800, one round): time
 #                  and peak GPU memory ratios to stock SFT, against the bench's targets
 set -u
@@ -214,6 +216,46 @@ sys.exit(0 if same else 1)
 EOF
   )
   if [ $? -eq 0 ]; then verdict PASS offload "$figures"; else verdict FAIL offload "$figures"; fi
+fi
+
+# --- training from the teacher cache vs the live separate teacher (the offload check's resident run) -------
+cache="$work/runs/teacher_cache_k64"
+if [ ! -f "$work/runs/teacher_resident/logging.jsonl" ]; then
+  verdict FAIL teacher_cache "no live-teacher run to compare with (see the offload check)"
+elif ! (cd "$work" && rm -rf "$cache" && timeout 180 "$py" -m anchorkd.cli teacher-cache --config "$demo_config" \
+    --out "$cache" --k 64 "training.output_dir=$work/runs/teacher_cache_writer" training.add_version=false \
+    training.eval_strategy=no "${teacher[@]}") > "$work/logs/teacher_cache_write.log" 2>&1; then
+  verdict FAIL teacher_cache "anchorkd teacher-cache failed (log: $work/logs/teacher_cache_write.log)"
+elif ! msg=$(train teacher_cached 120 "${teacher[@]}" "custom.teacher_cache=$cache"); then
+  verdict FAIL teacher_cache "run from the cache failed: $msg"
+else
+  written=$(grep -m 1 'anchorkd: teacher cache' "$work/logs/teacher_cache_write.log" | cut -c 1-240)
+  figures=$("$py" - "$work/runs/teacher_cached" "$work/runs/teacher_resident" "$work/logs/teacher_cached.log" <<'EOF'
+import sys
+from pathlib import Path
+
+from anchorkd.monitor.report import read_logging_jsonl
+
+
+def steps(run):
+    return [r.metrics for r in read_logging_jsonl(Path(run) / "logging.jsonl") if r.split == "train" and "loss" in r.metrics]
+
+
+cached, live = steps(sys.argv[1]), steps(sys.argv[2])
+no_teacher = "no teacher runs" in Path(sys.argv[3]).read_text(errors="replace")
+speed = lambda s: s[-1].get("train_speed(s/it)", float("nan"))  # noqa: E731
+memory = lambda s: max(r.get("memory(GiB)", float("nan")) for r in s)  # noqa: E731
+print(
+    f"{len(cached)} steps; s/step {speed(cached):.3f} cached vs {speed(live):.3f} live separate teacher "
+    f"({speed(cached) / speed(live) - 1:+.0%}); peak reserved {memory(cached):.2f} GiB cached vs "
+    f"{memory(live):.2f} GiB live ({memory(cached) - memory(live):+.2f} GiB); teacher loaded: "
+    f"{'no' if no_teacher else 'YES'}"
+)
+sys.exit(0 if len(cached) == len(live) > 0 and no_teacher and memory(cached) < memory(live) else 1)
+EOF
+  )
+  if [ $? -eq 0 ]; then verdict PASS teacher_cache "$figures; ${written#anchorkd: }"
+  else verdict FAIL teacher_cache "$figures; ${written#anchorkd: }"; fi
 fi
 
 # --- bench/kd_step.py on the GPU ------------------------------------------------------------------------
