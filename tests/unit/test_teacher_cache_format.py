@@ -128,3 +128,38 @@ def test_row_keys_follow_content_and_media_bytes(tmp_path):
     )
     image.write_bytes(b"two!")  # same path, other bytes (and size)
     assert key != tc.row_key(_sample(messages, [str(image)]))
+
+
+def test_batch_teacher_places_each_row_on_its_supervised_positions(tmp_path):
+    rows = _rows(2, seed=3)
+    _write(tmp_path, "shard-r0-00000.safetensors", rows)
+    cache = tc.TeacherCache.open(tmp_path, SETTINGS)
+    (key_a, top_a), (key_b, top_b) = rows  # 3 and 4 positions
+    labels = torch.full((2, 9), -100)
+    labels[0, [1, 2, 5]] = 7
+    labels[1, [0, 3, 4, 8]] = 7
+    teacher = tc.batch_teacher(cache, [(key_a, "row a"), (key_b, "row b")], labels)
+    assert teacher.logprobs.shape == (2, 9, SETTINGS.k) and teacher.log_tail.shape == (2, 9)
+    assert torch.equal(teacher.ids[0, [1, 2, 5]], top_a.ids.long())
+    assert torch.equal(teacher.ids[1, [0, 3, 4, 8]], top_b.ids.long())
+    assert torch.equal(teacher.logprobs[1, [0, 3, 4, 8]], top_b.logprobs.half().float())
+    assert torch.equal(teacher.log_tail[0, [1, 2, 5]], top_a.log_tail.float())
+    assert not teacher.ids[0, [0, 3, 4, 6, 7, 8]].any()  # unsupervised positions: zeros, never read
+
+
+def test_batch_teacher_refuses_a_row_with_other_positions_or_missing_naming_it(tmp_path):
+    rows = _rows(1, seed=4)  # 3 positions
+    _write(tmp_path, "shard-r0-00000.safetensors", rows)
+    cache = tc.TeacherCache.open(tmp_path, SETTINGS)
+    labels = torch.full((1, 6), -100)
+    labels[0, :4] = 7
+    with pytest.raises(DataError, match=r"row 5 \('hello'\) has 4 supervised positions in this run but 3"):
+        tc.batch_teacher(cache, [(rows[0][0], "row 5 ('hello')")], labels)
+    with pytest.raises(DataError, match=r"no entry for anchor row \('hi'\)"):
+        tc.batch_teacher(cache, [("0" * 64, "anchor row ('hi')")], labels)
+
+
+def test_row_description_names_the_row_and_the_start_of_its_first_message():
+    sample = _sample([{"role": "user", "content": "Describe   every object " + "x" * 80}])
+    text = tc.row_description(sample, "training row 3")
+    assert text.startswith("training row 3 ('Describe every object xxx") and text.endswith("...)")

@@ -224,9 +224,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         for kind, rows in kinds:
             for index, row in enumerate(rows):
                 sample = self.to_samples([row])[0]
-                if row_key(sample) not in cache:
-                    missing = row_description(sample, f"{kind} {index}")
-                    cache.require([("", missing)])  # raises, naming it
+                cache.require([(row_key(sample), row_description(sample, f"{kind} {index}"))])
         logger.info(
             "teacher cache: %s (%d rows, k=%d); no teacher runs", cache.folder, len(cache), cache.settings.k
         )
