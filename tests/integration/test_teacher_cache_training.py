@@ -66,16 +66,18 @@ def test_cached_kd_is_the_top_k_jsd_of_the_live_teacher(env, tmp_path):
         tc.write_teacher_cache(ConfigLoader.resolve(h.STAGE2_GKD_DEMO, live), tmp_path / "cache", k=K)
     cached = h.build(h.STAGE2_GKD_DEMO, [*live, f"custom.teacher_cache={tmp_path / 'cache'}"]).trainer
     assert cached.teacher_model is None and cached.teacher_mode == "cached" and cached.anchor.teacher_cache
-    assert (
-        h.perturb_lora(h.unwrap(cached), scale=0.3) > 0
-    )  # the student moves away from the cached base-model teacher
+    # The student moves away from the cached base-model teacher.
+    assert h.perturb_lora(h.unwrap(cached), scale=0.3) > 0
 
     with h.configured(cached):
         batch = h.prepare(cached, h.dataset_rows(cached, [0, 1]))
         assert isinstance(batch[CACHED_TEACHER], TeacherTopK)
         cached.compute_loss(cached.model, h.copy_batch(batch))
         logged = h.log_now(cached)
-
+    with h.configured(cached, kd_loss_impl="reference"):  # the same terms from full student logits
+        cached.compute_loss(cached.model, h.copy_batch(batch))
+        logged_reference = h.log_now(cached)
+    with h.configured(cached):
         # The oracle: the live teacher (the adapter-disabled student) on the same micro-batch, its top-k
         # rounded to fp16 as the cache stores it.
         student = h.student_logits(cached, batch)[:, :-1].double()
@@ -95,6 +97,8 @@ def test_cached_kd_is_the_top_k_jsd_of_the_live_teacher(env, tmp_path):
         )
     assert logged["llm_kd_loss"] > 1e-3  # far above rounding (~1e-8)
     assert logged["llm_kd_loss"] == pytest.approx(cached.anchor.llm_kd_weight * topk_jsd, rel=1e-4)
+    for term in ("sft_loss", "llm_kd_loss"):
+        assert logged_reference[term] == pytest.approx(logged[term], rel=1e-5), term
     # Within the top-k approximation of the full JSD: below it, by at most log 2 x the mixture's tail mass.
     student_tail = student_buckets(student[supervised], top.ids, temperature)[:, -1].exp()
     bound = float((math.log(2) * ((1 - beta) * student_tail + beta * top.log_tail.exp())).mean())

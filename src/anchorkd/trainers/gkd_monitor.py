@@ -209,8 +209,8 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
 
     def _open_teacher_cache(self):
         """The teacher cache of ``custom.teacher_cache`` (its settings were checked against the config before
-        any model loaded), with every training and anchor row in it: the first missing row is refused here,
-        before the first step."""
+        any model loaded), with every training, anchor and validation row in it: the first missing row is
+        refused here, before the first step."""
         if self.anchor.teacher_cache is None:
             return None
         from .teacher_cache import TeacherCache, row_description, row_key
@@ -327,7 +327,8 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
 
     def _prepare_batch_inputs(self, samples):
         """ms-swift's micro-batches of the buffer (split as above); with anchor rows in it, each micro-batch
-        gets its per-row flags (``ANCHOR_ROWS``), read off the layout the split made."""
+        gets its per-row flags (``ANCHOR_ROWS``), read off the layout the split made; with a teacher cache,
+        its rows' cached teacher (``CACHED_TEACHER``), found by each row's key."""
         cached_rows = self._cached_row_ids(samples)  # before encoding, which edits the messages in place
         batches = super()._prepare_batch_inputs(samples)
         if cached_rows is not None:
