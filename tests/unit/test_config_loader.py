@@ -229,8 +229,8 @@ def test_custom_section_rejects_unknown_keys_and_lists_the_valid_ones(tmp_path, 
     error = rule_error(tmp_path, sft)
     assert key_paths(error) == ["custom.kd_loss"]
     assert (
-        "unknown key; valid keys here: anchor, kd_chunk_size, kd_loss_impl, monitor, teacher_targets, trainer_variant, "
-        "visual_kd" in str(error)
+        "unknown key; valid keys here: anchor, kd_chunk_size, kd_loss_impl, monitor, teacher_cache, "
+        "teacher_targets, trainer_variant, visual_kd" in str(error)
     )
 
     sft["custom"] = {"visual_kd": {"wieght": 0.5}}
