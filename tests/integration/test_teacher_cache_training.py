@@ -3,12 +3,13 @@
 - one micro-batch: the cached run loads no teacher, and its LM KD term is the top-k + tail JSD of the live
   teacher's logits (exactly, with the cache's fp16 rounding), within the DPI bound below the full JSD;
 - a cache for other settings, or one that misses a row, is refused before training, naming the key / row;
-- 2 ranks from the cache (anchor rows included) equal 1 rank x accumulation 2;
+- 2 ranks from the cache (anchor rows included), and 2 ZeRO-3 ranks, equal 1 rank x accumulation 2;
 - a run resumed from checkpoint 2 equals the straight run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
@@ -177,6 +178,21 @@ def test_two_ranks_from_the_cache_equal_gradient_accumulation(demo_workdir, tmp_
     assert_same_run(
         tmp_path / "2x2", tmp_path / "1x2x2", terms=("loss", "sft_loss", "llm_kd_loss", "anchor_kd_loss")
     )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero3_from_the_cache_equals_gradient_accumulation(demo_workdir, tmp_path):
+    """ZeRO-3 over 2 CPU ranks: the fused top-k loss gathers the student's sharded LM head (no teacher)."""
+    folder = write_cache(
+        demo_workdir, GKD, overrides(tmp_path / "writer", 2, 2, DISTINCT_STUDENT), tmp_path / "cache"
+    )
+    cached = (*DISTINCT_STUDENT, f"custom.teacher_cache={folder}")
+    two_ranks(
+        demo_workdir, GKD, overrides(tmp_path / "zero3", batch=2, extra=(*cached, "training.deepspeed=zero3"))
+    )
+    train_here(demo_workdir, GKD, overrides(tmp_path / "1x2x2", 2, 2, cached))
+    assert step_records(tmp_path / "zero3")[0]["llm_kd_loss"] > 1e-3
+    assert_same_run(tmp_path / "zero3", tmp_path / "1x2x2", terms=("loss", "sft_loss", "llm_kd_loss"))
 
 
 def test_resume_from_the_cache_equals_the_straight_run(demo_workdir, tmp_path):
