@@ -161,6 +161,24 @@ def test_a_cache_for_other_settings_or_missing_a_row_is_refused_before_training(
     assert not (out / "checkpoint-1").exists()
 
 
+def test_the_commands_write_and_check_the_cache_the_config_names(demo_workdir, tmp_path, monkeypatch, capsys):
+    """``anchorkd teacher-cache`` on the config that trains from the cache (it writes with the live teacher),
+    then ``anchorkd validate`` of the same config sees a cached teacher."""
+    from anchorkd.cli import main
+
+    monkeypatch.chdir(demo_workdir)
+    folder = tmp_path / "cache"
+    args = ["--config", str(GKD), *overrides(tmp_path / "out", 2, 1, (f"custom.teacher_cache={folder}",))]
+    with h.preserved_environment():
+        assert main(["validate", *args]) == 2  # not written yet: refused, naming the key
+        assert "custom.teacher_cache" in capsys.readouterr().err and not folder.exists()
+        assert main(["teacher-cache", *args[:2], "--out", str(folder), "--k", "4", *args[2:]]) == 0
+        assert "anchorkd: teacher cache" in capsys.readouterr().out
+        assert main(["validate", *args]) == 0
+    assert "teacher=cached" in capsys.readouterr().out
+    assert (folder / tc.MANIFEST).is_file() and list(folder.glob(tc.SHARD_GLOB))
+
+
 # --- whole runs -----------------------------------------------------------------------------------------
 
 
