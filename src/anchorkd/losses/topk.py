@@ -75,7 +75,7 @@ from typing import NamedTuple
 import torch
 
 from .anchor import AnchoredTerms, split_rows
-from .fused import DEFAULT_CHUNK_SIZE, FusedLossOutput
+from .fused import DEFAULT_CHUNK_SIZE, FusedLossOutput, _as_scale, _subtract_at_labels
 from .jsd import IGNORE_INDEX, Reduction, _at_least_fp32, _check_beta_temperature, _safe_divide, masked_ce
 
 __all__ = [
@@ -643,20 +643,9 @@ def _bucket_divergence(
     return divergence, coefficient
 
 
-def _subtract_at_labels(grad: torch.Tensor, labels: torch.Tensor, value: float) -> None:
-    grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((labels.size(0), 1), -value))
-
-
 def _block_rows(config: _Config, vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
     if config.block_rows is not None:
         return max(1, config.block_rows)
     if device.type != "cpu":
         return config.chunk_size
     return max(1, _CPU_BLOCK_BYTES // (torch.finfo(dtype).bits // 8 * vocab_size))
-
-
-def _as_scale(grad: torch.Tensor | None) -> float | None:
-    if grad is None:
-        return None
-    value = float(grad)
-    return value if value != 0.0 else None
