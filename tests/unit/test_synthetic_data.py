@@ -229,10 +229,11 @@ def test_dense_captions_round_trip_to_meta_objects(dataset):
         assert len(parsed.fields) == len(rec["messages"][1]["content"].splitlines())
 
 
-def test_dense_captions_are_in_reading_order(dataset):
+def test_dense_captions_list_class_by_class_each_in_reading_order(dataset):
     for _, rec in image_records(dataset):
-        corners = [(obj["box"][1], obj["box"][0]) for obj in rec["meta"]["objects"]]
-        assert corners == sorted(corners)
+        classes = OBJECTS_BY_KIND[rec["meta"]["scene"]]
+        keys = [(classes.index(obj["name"]), obj["box"][1], obj["box"][0]) for obj in rec["meta"]["objects"]]
+        assert keys == sorted(keys)
 
 
 def test_boxes_are_valid_on_the_1000_grid(dataset):
