@@ -30,6 +30,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -46,6 +47,9 @@ from ..io import (
 from ..resources import shipped_configs_dir
 from .assets import DATA_DIR, TINY_MODEL_DIR, TINY_MODEL_STAMP, prepare_demo_assets
 from .synthetic import GENERAL_PROMPT, HELD_OUT_FAMILIES, NEAR_OOD_FAMILIES, OOD_FAMILIES, SPLIT_FILES
+
+if TYPE_CHECKING:
+    from ..data.anchor_set import AnchorSetRequest
 
 logger = logging.getLogger("anchorkd")
 
@@ -305,7 +309,7 @@ ANCHOR_GENERAL_FILE = "general_prompts.txt"
 ANCHOR_TEXT_FILE = "text_questions.jsonl"
 
 
-def anchor_set_request(paths: TestbedPaths, sizes: TestbedSizes):
+def anchor_set_request(paths: TestbedPaths, sizes: TestbedSizes) -> AnchorSetRequest:
     """What the testbed asks ``anchorkd anchors build`` for, after writing the inputs it names into
     ``paths.anchor_set_dir``: the fresh images of the near-OOD families from the data set's anchor split
     (never an indoor image, the domain, nor a field, held out), the testbed's one general prompt (the only
