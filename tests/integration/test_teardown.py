@@ -24,16 +24,37 @@ WORKER = Path(__file__).with_name("teardown_worker.py")
 RUNS = 20
 
 
+def start_rank(rank: int, port: int, out: Path) -> subprocess.Popen:
+    """One rank with the environment torchrun gives it (the launcher itself would only add its own start-up)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": "2",
+    }
+    command = [sys.executable, str(WORKER), str(out)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_two_rank_teardown_releases_the_group_and_exits_cleanly(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(RUNS):
         out = tmp_path / f"run{attempt}"
         out.mkdir()
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        command += ["--master_port", str(free_port()), str(WORKER), str(out)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, (attempt, done.stdout[-2000:], done.stderr[-4000:])
-        assert "terminate called" not in done.stderr, (attempt, done.stderr[-4000:])
-        for rank in (0, 1):
+        port = free_port()
+        ranks = [start_rank(rank, port, out) for rank in (0, 1)]
+        for rank, process in enumerate(ranks):
+            stdout, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, (
+                attempt,
+                rank,
+                process.returncode,
+                stdout[-2000:],
+                stderr[-4000:],
+            )
+            assert "terminate called" not in stderr, (attempt, rank, stderr[-4000:])
             report = json.loads((out / f"rank{rank}.json").read_text())
             assert report == {"released": True, "wrappers_alive": 0}, (attempt, rank, report)
