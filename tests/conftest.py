@@ -28,6 +28,7 @@ def media_cache_in_the_session(tmp_path_factory):
     else:
         os.environ["ANCHORKD_MEDIA_CACHE"] = saved
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 

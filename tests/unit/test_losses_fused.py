@@ -440,4 +440,5 @@ def test_jsd_where_the_teacher_puts_mass_the_student_all_but_excludes(beta):
     assert torch.isfinite(out.jsd) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
     assert float(out.jsd) == pytest.approx(want, rel=1e-4)
     for got, expected in ((h.grad, want_grad_h), (w.grad, want_grad_w)):
-        assert float((got.double() - expected).norm() / expected.norm()) < 3e-3  # fp32 logits: <= 1e-3 either form
+        # the fp32 logits bound it: up to 1e-3 in either form of the JSD (measured)
+        assert float((got.double() - expected).norm() / expected.norm()) < 3e-3
