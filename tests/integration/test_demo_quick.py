@@ -2,7 +2,8 @@
 
 Every kind of run is exercised: ms-swift's SFT trainer (`sft`, and `replay` on the domain rows plus the
 base's answers to anchor prompts), anchorkd's GKD trainer with each of its terms (`gkd`, `gkd_visual`,
-`gkd_seqkd`, `gkd_anchor`, and `anchor_only` without the domain rows' KD), and an evaluation of a scaled
+`gkd_seqkd`, `gkd_anchor`, and `anchor_only` without the domain rows' KD), `gkd_anchor` trained from the
+teacher's top-k cache instead of a live teacher (`gkd_anchor_cached`), and an evaluation of a scaled
 adapter (`sft_wise0.5`). `gkd_anchor_w1`/`_w2` differ from `gkd_anchor` by one override, and the other
 WiSE scales by the scale (tests/unit/test_testbed.py), so they are left out to keep this test short.
 
@@ -26,7 +27,17 @@ TESTBED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "testbed"
 
 
 KD_TERMS = ("sft_loss", "llm_kd_loss", "token_accuracy", "token_count")
-QUICK_RUNS = ("sft", "gkd", "gkd_visual", "gkd_seqkd", "gkd_anchor", "anchor_only", "replay", "sft_wise0.5")
+QUICK_RUNS = (
+    "sft",
+    "gkd",
+    "gkd_visual",
+    "gkd_seqkd",
+    "gkd_anchor",
+    "gkd_anchor_cached",
+    "anchor_only",
+    "replay",
+    "sft_wise0.5",
+)
 TRAINED = tuple(name for name in QUICK_RUNS if not name.startswith("sft_wise"))
 
 
@@ -70,6 +81,11 @@ def check_telemetry(name: str, steps: list[dict]) -> None:
     kd = "anchor_kd_loss" if name == "anchor_only" else "llm_kd_loss"
     assert abs(first[kd]) < 1e-6
     assert math.isclose(first["loss"], first["sft_loss"], rel_tol=1e-6)
+    if name.endswith("_cached"):
+        # The quick base is nearly uniform over 151,936 tokens, so the top-64 + tail JSD is ~1e-3 of the
+        # full one (docs/teacher_cache.md): the step-2 value is rounding-sized, and its accuracy is tested
+        # in tests/integration/test_teacher_cache_training.py.
+        return
     assert last[kd] > 0
     if name == "gkd_visual":
         assert last["vision_kd_loss"] > 0
@@ -132,6 +148,16 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     prompts = len((root / "data" / "train.jsonl").read_text().splitlines())
     prompts += len((root / "anchor_set" / "anchors.jsonl").read_text().splitlines())
     assert len(answers) == prompts
+    # The cached run read the teacher's top-k of every domain and anchor row from the testbed's cache, written
+    # once before the seeds: its first step is the live run's, CE alone.
+    cache = json.loads((root / "cache" / "teacher_topk" / "cache.json").read_text())
+    assert (cache["k"], cache["temperature"], cache["max_length"]) == (64, 1.0, 768)
+    assert list((root / "cache" / "teacher_topk").glob("*.safetensors"))
+    live, cached = (
+        step_records(root / "seed-0" / "runs" / name / "logging.jsonl")[0]
+        for name in ("gkd_anchor", "gkd_anchor_cached")
+    )
+    assert math.isclose(live["sft_loss"], cached["sft_loss"], rel_tol=1e-6)
 
     # A second run reuses the cached base (content hash unchanged).
     assert (

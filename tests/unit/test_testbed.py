@@ -143,6 +143,8 @@ def _value(overrides: list[str], key: str) -> str | None:
         ("gkd_anchor_w2", "domain_gkd_anchor.yaml", ["rlhf.llm_kd_weight=2.0"]),
         ("anchor_only", "domain_anchor_only.yaml", []),
         ("replay", "domain_replay.yaml", []),
+        ("gkd_cached", "domain_gkd.yaml", []),
+        ("gkd_anchor_cached", "domain_gkd_anchor.yaml", []),
     ],
 )
 def test_each_trained_run_gets_its_recipe_and_overrides(tmp_path, name, config, extra):
@@ -160,6 +162,15 @@ def test_each_trained_run_gets_its_recipe_and_overrides(tmp_path, name, config, 
     assert _value(overrides, "custom.teacher_targets.cache_dir") == (
         str(paths.teacher_targets) if anchored else None
     )
+    assert _value(overrides, "custom.teacher_cache") == (
+        str(paths.teacher_cache) if name.endswith("_cached") else None
+    )
+    if name.endswith("_cached"):  # the live run trained from the teacher cache; nothing else differs
+        live = tb.training_overrides(name.removesuffix("_cached"), paths, Path("/base"), sizes, seed=2)
+        differs = {"training.output_dir", "custom.teacher_cache"}
+        assert [o for o in overrides if o.split("=")[0] not in differs] == [
+            o for o in live if o.split("=")[0] not in differs
+        ]
     if name == "replay":  # the domain rows and the replay rows, one more row per step for the replay row
         assert _value(overrides, "data.dataset") == f"[{paths.replay_set}]"
         assert _value(overrides, "training.per_device_train_batch_size") == "5"
@@ -177,6 +188,8 @@ def test_each_trained_run_gets_its_recipe_and_overrides(tmp_path, name, config, 
         ("anchor_only", "gkd", 0.0, True),  # CE alone on the domain rows, KD on the anchor rows only
         ("replay", "sft", None, False),  # ms-swift's SFT trainer: CE only, no teacher
         ("gkd", "gkd", 5.0, False),
+        ("gkd_cached", "gkd", 5.0, False),
+        ("gkd_anchor_cached", "gkd", 5.0, True),
     ],
 )
 def test_each_run_resolves_to_what_it_claims(tmp_path, name, mode, kd_weight, anchored):
@@ -196,6 +209,7 @@ def test_each_run_resolves_to_what_it_claims(tmp_path, name, mode, kd_weight, an
         assert "rlhf_type" not in config.sections.get("rlhf", {})
     else:
         assert config.llm_kd_weight == kd_weight
+    assert (config.custom.teacher_cache is not None) is name.endswith("_cached")
 
 
 def test_wise_runs_train_nothing_and_scale_the_sft_adapter(tmp_path):
@@ -243,6 +257,9 @@ def test_the_run_loop_trains_each_run_once_and_evaluates_wise_runs_on_the_seeds_
     monkeypatch.setattr(tb, "build_base", lambda paths, sizes: (Path("/base"), True))
     monkeypatch.setattr(tb, "build_testbed_anchor_set", lambda paths, sizes: built.append("anchor_set"))
     monkeypatch.setattr(tb, "build_replay_set", lambda paths, base, sizes: built.append("replay") or 1)
+    monkeypatch.setattr(
+        tb, "build_teacher_cache", lambda paths, base, sizes, runs: built.append(("teacher_cache", runs))
+    )
     monkeypatch.setattr(tb, "train_domain_run", train)
     monkeypatch.setattr(tb, "evaluate_run", evaluate)
     monkeypatch.setattr(score, "read_text_eval", lambda path: {"ppl": 10.0})
@@ -267,6 +284,11 @@ def test_the_run_loop_trains_each_run_once_and_evaluates_wise_runs_on_the_seeds_
     trained.clear(), built.clear()
     tb.run_testbed(tmp_path / "tb", runs=tb.DEFAULT_RUNS)
     assert [name for name, _, _ in trained] == ["sft", "gkd", "gkd_anchor"] and built == ["anchor_set"]
+    trained.clear(), built.clear()
+    tb.run_testbed(tmp_path / "tb", seeds=(0, 1), runs=tb.RUN_GROUPS["cache"])
+    cache_runs = ("sft", "gkd", "gkd_anchor", "gkd_cached", "gkd_anchor_cached")  # the testbed's order
+    assert [name for name, _, _ in trained] == [*cache_runs, *cache_runs]
+    assert built == ["anchor_set", ("teacher_cache", cache_runs)]  # the top-k cache: once, for every seed
 
 
 def _answered_row(kind: str, number: int, answer: str) -> dict:

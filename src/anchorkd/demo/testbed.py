@@ -66,6 +66,7 @@ class DomainRun:
     replay: bool = False  # trains on the domain rows plus anchor rows with the base's answers (CE only)
     checkpoint_of: str | None = None  # evaluates this run's checkpoint of the same seed instead
     adapter_scale: float | None = None  # ... with its LoRA update scaled (WiSE-FT-style interpolation)
+    teacher_cache: bool = False  # trains from the teacher's cached top-k (no teacher loaded)
 
 
 # The SFT adapter's interpolations towards the base (WiSE-FT): evaluated, never trained.
@@ -87,6 +88,11 @@ DOMAIN_RUNS = {
         )
         for weight in (1, 2)
     },
+    # The KD runs trained from the teacher's top-k cache (`anchorkd teacher-cache`) instead of a live teacher.
+    "gkd_cached": DomainRun("domain_gkd.yaml", teacher_cache=True),
+    f"{ANCHOR_RUN}_cached": DomainRun(
+        "domain_gkd_anchor.yaml", anchor_set=True, teacher_targets=True, teacher_cache=True
+    ),
     "anchor_only": DomainRun("domain_anchor_only.yaml", anchor_set=True, teacher_targets=True),
     "replay": DomainRun("domain_replay.yaml", replay=True),
     **{
@@ -99,9 +105,10 @@ RUN_NAMES = ("base", *DOMAIN_RUNS)
 # cold and 15 warm on 2 CPU cores.
 DEFAULT_RUNS = ("sft", "gkd", ANCHOR_RUN)
 # Names of run selections: `--runs baselines` is issue 16's comparison (the anchored settings and every
-# baseline), `--runs all` every run.
+# baseline), `--runs cache` the KD runs live and from the teacher cache, `--runs all` every run.
 RUN_GROUPS = {
     "all": tuple(DOMAIN_RUNS),
+    "cache": ("sft", "gkd", "gkd_cached", ANCHOR_RUN, f"{ANCHOR_RUN}_cached"),
     "baselines": (
         "sft",
         "gkd",
@@ -190,6 +197,12 @@ class TestbedPaths:
     @property
     def teacher_targets(self) -> Path:
         return self.root / "cache" / "teacher_targets"
+
+    @property
+    def teacher_cache(self) -> Path:
+        """The base's top-k distributions over every KD run's rows (one folder: the runs share the settings
+        it is keyed by, and a row cached for one run is read by the others)."""
+        return self.root / "cache" / "teacher_topk"
 
     @property
     def anchor_set_dir(self) -> Path:
@@ -386,6 +399,8 @@ def training_overrides(
         overrides.append(f"custom.teacher_targets.cache_dir={paths.teacher_targets}")
         if sizes.max_completion_length is not None:
             overrides.append(f"rlhf.max_completion_length={sizes.max_completion_length}")
+    if run.teacher_cache:
+        overrides.append(f"custom.teacher_cache={paths.teacher_cache}")
     return [*overrides, *run.overrides]
 
 
@@ -465,6 +480,28 @@ def build_replay_set(paths: TestbedPaths, base: Path, sizes: TestbedSizes) -> in
         "testbed: replay set %s: the domain rows and %d answered anchor rows", paths.replay_set, written
     )
     return per_step
+
+
+def build_teacher_cache(paths: TestbedPaths, base: Path, sizes: TestbedSizes, runs: tuple[str, ...]) -> int:
+    """Cache the base's top-k distributions over the rows of every run in ``runs`` that trains from the
+    cache (``anchorkd teacher-cache``'s code, at its default k), once for all seeds; rows already cached are
+    kept. Returns the rows written."""
+    from ..config import ConfigLoader
+    from ..trainers.teacher_cache import write_teacher_cache
+
+    written = 0
+    for name in runs:
+        if not DOMAIN_RUNS[name].teacher_cache:
+            continue
+        # The live run's settings (the cache's own key is no input to writing it); the seed changes no row.
+        overrides = training_overrides(name, paths, base, sizes, seed=0)
+        overrides.remove(f"custom.teacher_cache={paths.teacher_cache}")
+        overrides.append(f"training.output_dir={paths.teacher_cache.with_name('.teacher_topk.run')}")
+        config = ConfigLoader.resolve(paths.configs / DOMAIN_RUNS[name].config, overrides, check_files=False)
+        stats = write_teacher_cache(config, paths.teacher_cache)
+        written += stats.rows_written
+    shutil.rmtree(paths.teacher_cache.with_name(".teacher_topk.run"), ignore_errors=True)
+    return written
 
 
 def selected_runs(runs: tuple[str, ...]) -> tuple[str, ...]:
@@ -573,6 +610,9 @@ def run_testbed(
     if any(DOMAIN_RUNS[name].anchor_set or DOMAIN_RUNS[name].replay for name in runs):
         build_testbed_anchor_set(paths, sizes)
         mark = lap("anchor_set", mark)
+    if any(DOMAIN_RUNS[name].teacher_cache for name in runs):
+        build_teacher_cache(paths, base, sizes, runs)
+        mark = lap("teacher_cache", mark)
 
     per_seed: dict[int, dict[str, dict]] = {}
     first_seed_evals: dict[str, Path] = {}
