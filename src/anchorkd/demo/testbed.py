@@ -88,6 +88,14 @@ DOMAIN_RUNS = {
         )
         for weight in (1, 2)
     },
+    # Tried after the 3-seed results of issue 16 (docs/evaluation.md): the anchor rows' KD weight 5, the domain
+    # rows' weight, instead of 1.
+    f"{ANCHOR_RUN}_aw5": DomainRun(
+        "domain_gkd_anchor.yaml",
+        overrides=("custom.anchor.weight=5.0",),
+        anchor_set=True,
+        teacher_targets=True,
+    ),
     # The KD runs trained from the teacher's top-k cache (`anchorkd teacher-cache`) instead of a live teacher.
     "gkd_cached": DomainRun("domain_gkd.yaml", teacher_cache=True),
     f"{ANCHOR_RUN}_cached": DomainRun(
