@@ -142,6 +142,11 @@ def _value(overrides: list[str], key: str) -> str | None:
         ("gkd_anchor_w1", "domain_gkd_anchor.yaml", ["rlhf.llm_kd_weight=1.0"]),
         ("gkd_anchor_w2", "domain_gkd_anchor.yaml", ["rlhf.llm_kd_weight=2.0"]),
         ("gkd_anchor_aw5", "domain_gkd_anchor.yaml", ["custom.anchor.weight=5.0"]),
+        (
+            "gkd_anchor_aw5r05",
+            "domain_gkd_anchor.yaml",
+            ["custom.anchor.weight=5.0", "custom.anchor.ratio=0.5"],
+        ),
         ("anchor_only", "domain_anchor_only.yaml", []),
         ("replay", "domain_replay.yaml", []),
         ("gkd_cached", "domain_gkd.yaml", []),
@@ -187,6 +192,7 @@ def test_each_trained_run_gets_its_recipe_and_overrides(tmp_path, name, config, 
         ("gkd_anchor_w1", "gkd", 1.0, True),
         ("gkd_anchor_w2", "gkd", 2.0, True),
         ("gkd_anchor_aw5", "gkd", 5.0, True),  # the anchor rows' weight 5 (below)
+        ("gkd_anchor_aw5r05", "gkd", 5.0, True),  # ... and ratio 0.5
         ("anchor_only", "gkd", 0.0, True),  # CE alone on the domain rows, KD on the anchor rows only
         ("replay", "sft", None, False),  # ms-swift's SFT trainer: CE only, no teacher
         ("gkd", "gkd", 5.0, False),
@@ -205,8 +211,8 @@ def test_each_run_resolves_to_what_it_claims(tmp_path, name, mode, kd_weight, an
     assert config.mode == mode
     assert config.custom.anchor.active is anchored
     if anchored:
-        anchor_weight = 5.0 if name == "gkd_anchor_aw5" else 1.0
-        assert (config.custom.anchor.weight, config.custom.anchor.ratio) == (anchor_weight, 0.25)
+        expected = {"gkd_anchor_aw5": (5.0, 0.25), "gkd_anchor_aw5r05": (5.0, 0.5)}.get(name, (1.0, 0.25))
+        assert (config.custom.anchor.weight, config.custom.anchor.ratio) == expected
         assert config.sections["rlhf"]["max_completion_length"] == 160
     if kd_weight is None:
         assert "rlhf_type" not in config.sections.get("rlhf", {})

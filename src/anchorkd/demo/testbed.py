@@ -89,13 +89,16 @@ DOMAIN_RUNS = {
         for weight in (1, 2)
     },
     # Tried after the 3-seed results of issue 16 (docs/evaluation.md): the anchor rows' KD weight 5, the domain
-    # rows' weight, instead of 1.
-    f"{ANCHOR_RUN}_aw5": DomainRun(
-        "domain_gkd_anchor.yaml",
-        overrides=("custom.anchor.weight=5.0",),
-        anchor_set=True,
-        teacher_targets=True,
-    ),
+    # rows' weight, instead of 1; and with it half of each step's rows from the anchor set (ratio 0.5).
+    **{
+        f"{ANCHOR_RUN}_{suffix}": DomainRun(
+            "domain_gkd_anchor.yaml", overrides=overrides, anchor_set=True, teacher_targets=True
+        )
+        for suffix, overrides in (
+            ("aw5", ("custom.anchor.weight=5.0",)),
+            ("aw5r05", ("custom.anchor.weight=5.0", "custom.anchor.ratio=0.5")),
+        )
+    },
     # The KD runs trained from the teacher's top-k cache (`anchorkd teacher-cache`) instead of a live teacher.
     "gkd_cached": DomainRun("domain_gkd.yaml", teacher_cache=True),
     f"{ANCHOR_RUN}_cached": DomainRun(
