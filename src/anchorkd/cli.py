@@ -33,7 +33,8 @@ DEMO_RUNS = (
 )
 DEFAULT_DEMO_RUNS = ("sft", "gkd", "gkd_anchor")
 # "baselines": every run but the two extra KD variants (visual KD, seq_kd), the anchor settings tried after
-# issue 16's results and the runs from the teacher cache, in DEMO_RUNS' order; "cache": the KD runs live and from the teacher cache, with SFT as reference.
+# issue 16's results and the runs from the teacher cache, in DEMO_RUNS' order; "cache": the KD runs live
+# and from the teacher cache, with SFT as reference.
 DEMO_RUN_GROUPS = {
     "all": DEMO_RUNS,
     "baselines": tuple(

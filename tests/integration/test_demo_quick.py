@@ -152,9 +152,12 @@ def test_demo_quick_writes_report_for_every_run(tmp_path, tiny_model_dir, synthe
     assert len(answers) == prompts
     # The cached run read the teacher's top-k of every domain and anchor row from the testbed's cache, written
     # once before the seeds: its first step is the live run's, CE alone.
-    cache = json.loads((root / "cache" / "teacher_topk" / "cache.json").read_text())
+    # One cache per base (a cache refuses another teacher), next to that base.
+    topk = root / "cache" / f"teacher_topk-{Path(report['metadata']['base_checkpoint']).name}"
+    assert sorted((root / "cache").glob("*teacher_topk*")) == [topk]
+    cache = json.loads((topk / "cache.json").read_text())
     assert (cache["k"], cache["temperature"], cache["max_length"]) == (64, 1.0, 768)
-    assert list((root / "cache" / "teacher_topk").glob("*.safetensors"))
+    assert list(topk.glob("*.safetensors"))
     live, cached = (
         step_records(root / "seed-0" / "runs" / name / "logging.jsonl")[0]
         for name in ("gkd_anchor", "gkd_anchor_cached")

@@ -169,7 +169,7 @@ def test_each_trained_run_gets_its_recipe_and_overrides(tmp_path, name, config, 
         str(paths.teacher_targets) if anchored else None
     )
     assert _value(overrides, "custom.teacher_cache") == (
-        str(paths.teacher_cache) if name.endswith("_cached") else None
+        str(paths.teacher_cache(Path("/base"))) if name.endswith("_cached") else None
     )
     if name.endswith("_cached"):  # the live run trained from the teacher cache; nothing else differs
         live = tb.training_overrides(name.removesuffix("_cached"), paths, Path("/base"), sizes, seed=2)

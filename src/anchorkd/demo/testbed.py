@@ -209,11 +209,11 @@ class TestbedPaths:
     def teacher_targets(self) -> Path:
         return self.root / "cache" / "teacher_targets"
 
-    @property
-    def teacher_cache(self) -> Path:
-        """The base's top-k distributions over every KD run's rows (one folder: the runs share the settings
-        it is keyed by, and a row cached for one run is read by the others)."""
-        return self.root / "cache" / "teacher_topk"
+    def teacher_cache(self, base: Path) -> Path:
+        """``base``'s top-k distributions over every KD run's rows: one folder per base, since a cache is
+        keyed by its teacher and refuses another; the runs share its other settings, so a row cached for one
+        run is read by the others."""
+        return self.root / "cache" / f"teacher_topk-{base.name}"
 
     @property
     def anchor_set_dir(self) -> Path:
@@ -411,7 +411,7 @@ def training_overrides(
         if sizes.max_completion_length is not None:
             overrides.append(f"rlhf.max_completion_length={sizes.max_completion_length}")
     if run.teacher_cache:
-        overrides.append(f"custom.teacher_cache={paths.teacher_cache}")
+        overrides.append(f"custom.teacher_cache={paths.teacher_cache(base)}")
     return [*overrides, *run.overrides]
 
 
@@ -500,18 +500,20 @@ def build_teacher_cache(paths: TestbedPaths, base: Path, sizes: TestbedSizes, ru
     from ..config import ConfigLoader
     from ..trainers.teacher_cache import write_teacher_cache
 
+    folder = paths.teacher_cache(base)
+    staging_run = folder.with_name(f".{folder.name}.run")  # the trainer's output_dir; nothing is kept
     written = 0
     for name in runs:
         if not DOMAIN_RUNS[name].teacher_cache:
             continue
-        # The live run's settings (the cache's own key is no input to writing it); the seed changes no row.
-        overrides = training_overrides(name, paths, base, sizes, seed=0)
-        overrides.remove(f"custom.teacher_cache={paths.teacher_cache}")
-        overrides.append(f"training.output_dir={paths.teacher_cache.with_name('.teacher_topk.run')}")
+        # The run's own settings (writing ignores custom.teacher_cache); the seed changes no row.
+        overrides = [
+            *training_overrides(name, paths, base, sizes, seed=0),
+            f"training.output_dir={staging_run}",
+        ]
         config = ConfigLoader.resolve(paths.configs / DOMAIN_RUNS[name].config, overrides, check_files=False)
-        stats = write_teacher_cache(config, paths.teacher_cache)
-        written += stats.rows_written
-    shutil.rmtree(paths.teacher_cache.with_name(".teacher_topk.run"), ignore_errors=True)
+        written += write_teacher_cache(config, folder).rows_written
+    shutil.rmtree(staging_run, ignore_errors=True)
     return written
 
 
