@@ -21,8 +21,8 @@ DEMO_RUNS = (
     "gkd_anchor",
     "gkd_anchor_w1",
     "gkd_anchor_w2",
-    "gkd_anchor_aw5",
-    "gkd_anchor_aw5r05",
+    "gkd_anchor_aw1r025",
+    "gkd_anchor_r025",
     "gkd_cached",
     "gkd_anchor_cached",
     "anchor_only",
@@ -32,15 +32,15 @@ DEMO_RUNS = (
     "sft_wise0.75",
 )
 DEFAULT_DEMO_RUNS = ("sft", "gkd", "gkd_anchor")
-# "baselines": every run but the two extra KD variants (visual KD, seq_kd), the anchor settings tried after
-# issue 16's results and the runs from the teacher cache, in DEMO_RUNS' order; "cache": the KD runs live
+# "baselines": every run but the two extra KD variants (visual KD, seq_kd), the earlier anchor settings
+# and the runs from the teacher cache, in DEMO_RUNS' order; "cache": the KD runs live
 # and from the teacher cache, with SFT as reference.
 DEMO_RUN_GROUPS = {
     "all": DEMO_RUNS,
     "baselines": tuple(
         run
         for run in DEMO_RUNS
-        if run not in ("gkd_visual", "gkd_seqkd", "gkd_anchor_aw5", "gkd_anchor_aw5r05")
+        if run not in ("gkd_visual", "gkd_seqkd", "gkd_anchor_aw1r025", "gkd_anchor_r025")
         and not run.endswith("_cached")
     ),
     "cache": ("sft", "gkd", "gkd_cached", "gkd_anchor", "gkd_anchor_cached"),

@@ -141,12 +141,12 @@ def _value(overrides: list[str], key: str) -> str | None:
         ("gkd_anchor", "domain_gkd_anchor.yaml", []),
         ("gkd_anchor_w1", "domain_gkd_anchor.yaml", ["rlhf.llm_kd_weight=1.0"]),
         ("gkd_anchor_w2", "domain_gkd_anchor.yaml", ["rlhf.llm_kd_weight=2.0"]),
-        ("gkd_anchor_aw5", "domain_gkd_anchor.yaml", ["custom.anchor.weight=5.0"]),
         (
-            "gkd_anchor_aw5r05",
+            "gkd_anchor_aw1r025",
             "domain_gkd_anchor.yaml",
-            ["custom.anchor.weight=5.0", "custom.anchor.ratio=0.5"],
+            ["custom.anchor.weight=1.0", "custom.anchor.ratio=0.25"],
         ),
+        ("gkd_anchor_r025", "domain_gkd_anchor.yaml", ["custom.anchor.ratio=0.25"]),
         ("anchor_only", "domain_anchor_only.yaml", []),
         ("replay", "domain_replay.yaml", []),
         ("gkd_cached", "domain_gkd.yaml", []),
@@ -191,8 +191,8 @@ def test_each_trained_run_gets_its_recipe_and_overrides(tmp_path, name, config, 
         ("gkd_anchor", "gkd", 5.0, True),
         ("gkd_anchor_w1", "gkd", 1.0, True),
         ("gkd_anchor_w2", "gkd", 2.0, True),
-        ("gkd_anchor_aw5", "gkd", 5.0, True),  # the anchor rows' weight 5 (below)
-        ("gkd_anchor_aw5r05", "gkd", 5.0, True),  # ... and ratio 0.5
+        ("gkd_anchor_aw1r025", "gkd", 5.0, True),  # the first stated anchor setting (below)
+        ("gkd_anchor_r025", "gkd", 5.0, True),  # ... and its ratio at the default weight
         ("anchor_only", "gkd", 0.0, True),  # CE alone on the domain rows, KD on the anchor rows only
         ("replay", "sft", None, False),  # ms-swift's SFT trainer: CE only, no teacher
         ("gkd", "gkd", 5.0, False),
@@ -211,7 +211,8 @@ def test_each_run_resolves_to_what_it_claims(tmp_path, name, mode, kd_weight, an
     assert config.mode == mode
     assert config.custom.anchor.active is anchored
     if anchored:
-        expected = {"gkd_anchor_aw5": (5.0, 0.25), "gkd_anchor_aw5r05": (5.0, 0.5)}.get(name, (1.0, 0.25))
+        # The default: the anchor rows at the domain rows' KD weight 5, half of each step.
+        expected = {"gkd_anchor_aw1r025": (1.0, 0.25), "gkd_anchor_r025": (5.0, 0.25)}.get(name, (5.0, 0.5))
         assert (config.custom.anchor.weight, config.custom.anchor.ratio) == expected
         assert config.sections["rlhf"]["max_completion_length"] == 160
     if kd_weight is None:
@@ -381,7 +382,7 @@ def test_replay_answers_come_from_the_anchored_runs_teacher_job(tmp_path, monkey
 
     monkeypatch.setattr(targets, "write_teacher_targets", write)
     answered, ratio = tb.answered_anchor_set(paths, tmp_path / "base", sizes)
-    assert answered == tmp_path / "answered.jsonl" and ratio == 0.25
+    assert answered == tmp_path / "answered.jsonl" and ratio == 0.5
     for name in ("gkd_anchor", "gkd_anchor_w2", "anchor_only"):
         overrides = tb.training_overrides(name, paths, tmp_path / "base", sizes, seed=1)
         config = ConfigLoader.resolve(

@@ -8,7 +8,7 @@ On the embedded default (tiny Qwen3-VL, synthetic scenes) this runs the whole st
 2. Domain fine-tuning on indoor dense captions only, from the same base (``DOMAIN_RUNS``): ``sft``
    (vanilla), ``gkd`` (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD), ``gkd_seqkd`` (the
    base's own answers as targets), ``gkd_anchor`` (plus KD-only anchor prompts, at the domain rows' KD
-   weight 5, 1 and 2), and the baselines: ``anchor_only`` (SFT plus the KD-only anchor rows),
+   weight 5, 1 and 2; and at the earlier anchor settings), and the baselines: ``anchor_only`` (SFT plus the KD-only anchor rows),
    ``replay`` (SFT on the domain rows plus anchor rows with the base's answers, CE only) and the WiSE-FT
    interpolations of the SFT adapter (``sft_wise0.25`` ...: no training, the adapter scaled). The anchor
    set is built by ``anchorkd anchors build``'s code from the domain prompts on fresh images of the
@@ -88,15 +88,15 @@ DOMAIN_RUNS = {
         )
         for weight in (1, 2)
     },
-    # Tried after the 3-seed results of issue 16 (docs/evaluation.md): the anchor rows' KD weight 5, the domain
-    # rows' weight, instead of 1; and with it half of each step's rows from the anchor set (ratio 0.5).
+    # The earlier anchor settings, kept to reproduce docs/evaluation.md: the first stated one (the anchor
+    # rows' weight 1, a quarter of each step) and weight 5 at that quarter.
     **{
         f"{ANCHOR_RUN}_{suffix}": DomainRun(
             "domain_gkd_anchor.yaml", overrides=overrides, anchor_set=True, teacher_targets=True
         )
         for suffix, overrides in (
-            ("aw5", ("custom.anchor.weight=5.0",)),
-            ("aw5r05", ("custom.anchor.weight=5.0", "custom.anchor.ratio=0.5")),
+            ("aw1r025", ("custom.anchor.weight=1.0", "custom.anchor.ratio=0.25")),
+            ("r025", ("custom.anchor.ratio=0.25",)),
         )
     },
     # The KD runs trained from the teacher's top-k cache (`anchorkd teacher-cache`) instead of a live teacher.
