@@ -452,12 +452,13 @@ def test_refuses_an_empty_image_folder(data, capsys):
 
 def test_refuses_an_unreadable_image_naming_it(data, capsys):
     broken = data["folder"] / "nested" / "broken.png"
-    broken.write_bytes(data["fresh"][0].read_bytes()[:40])  # a PNG cut short in its image data
+    broken.write_bytes(data["fresh"][0].read_bytes()[:40])  # a PNG cut short in its header
     refuse(
         build_args(data, data["root"] / "anchors.jsonl"),
         data["root"],
         capsys,
-        f"{broken}: not a readable image",
+        # The decoder's own error, as `anchorkd validate` reports it (data.media.image_problem).
+        f"{broken}: not a readable image (UnidentifiedImageError: cannot identify",
     )
 
 

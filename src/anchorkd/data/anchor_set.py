@@ -36,6 +36,7 @@ from PIL import Image, ImageFile
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_json, iter_jsonl, sha256_file, write_jsonl
 from ..resources import default_general_prompts_path, default_text_questions_path
+from .media import image_problem
 from .validate import ROLE_ALIASES, read_jsonl_records
 
 KINDS = ("training_prompts", "general", "text")
@@ -289,18 +290,19 @@ def local_images(record: dict, path: Path, line_no: int) -> list[Path]:
 
 
 def check_readable(image: Path, path: Path | None = None, line_no: int | None = None) -> None:
-    """Decode ``image`` whole; DataError naming the image (and the ``file:line`` that lists it) otherwise."""
+    """Decode ``image`` as ms-swift will (:func:`~anchorkd.data.media.image_problem`); DataError naming the
+    image (and the ``file:line`` that lists it) otherwise."""
     where = (str(path), line_no) if path is not None else (str(image), None)
     if not image.is_file():
         raise DataError(where[0], f"image not found: {image}", where[1])
-    try:
-        with Image.open(image) as handle:
-            handle.load()
-    except Exception as exc:  # a corrupt file makes PIL's decoders raise exceptions of every kind
+    problem = image_problem(image)
+    if problem is not None:
         what = (
-            f"not a readable image: {image} ({exc})" if path is not None else f"not a readable image ({exc})"
+            f"not a readable image: {image} ({problem})"
+            if path is not None
+            else f"not a readable image ({problem})"
         )
-        raise DataError(where[0], what, where[1]) from None
+        raise DataError(where[0], what, where[1])
 
 
 @dataclasses.dataclass(frozen=True)
