@@ -96,7 +96,7 @@ def test_anchor_rows_without_an_answer_train_on_the_teachers(built, anchor_file)
     assert all(r[PROVENANCE_KEY]["source"] == str(anchor_file) for r in answered)
     assert all(r[PROVENANCE_KEY]["generated_tokens"] <= MAX_NEW for r in answered)
     assert written[2] == TEXT_ROW
-    rows = [trainer._anchor_rows[i] for i in range(len(trainer._anchor_rows))]
+    rows = [trainer.anchor_rows[i] for i in range(len(trainer.anchor_rows))]
     assert [r["messages"] for r in rows] == [r["messages"] for r in written]
 
     tokenizer = trainer.template.tokenizer

@@ -166,13 +166,13 @@ def test_visual_kd_remains_active_when_lm_kd_disabled(visual, monkeypatch):
         ce = h.ce_only(trainer, batch)
 
         calls = []
-        original = trainer._run_teacher_forward
+        original = trainer.run_teacher_forward
 
         def spy(*args, **kwargs):
             calls.append(kwargs)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(trainer, "_run_teacher_forward", spy)
+        monkeypatch.setattr(trainer, "run_teacher_forward", spy)
         student_hooks = h.Recorder(h.merger_modules(h.unwrap(trainer)))
         teacher_hooks = h.Recorder(h.merger_modules(trainer.teacher_model))
         try:
@@ -204,14 +204,14 @@ def test_visual_kd_remains_active_when_lm_kd_disabled(visual, monkeypatch):
 
 
 def test_teacher_forward_skipped_when_kd_inactive(anchor, monkeypatch):
-    """w = 0, visual KD off, teacher configured: ``_run_teacher_forward`` never runs; loss = ce."""
+    """w = 0, visual KD off, teacher configured: ``run_teacher_forward`` never runs; loss = ce."""
     trainer = anchor
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("_run_teacher_forward must not run when no KD term is active")
+        raise AssertionError("run_teacher_forward must not run when no KD term is active")
 
     with h.configured(trainer, llm_kd_weight=0.0):
-        monkeypatch.setattr(trainer, "_run_teacher_forward", forbidden)
+        monkeypatch.setattr(trainer, "run_teacher_forward", forbidden)
         assert not trainer.anchor.kd_active
         batch = h.prepare(trainer, h.dataset_rows(trainer, [5]))
         with torch.no_grad():

@@ -177,6 +177,12 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         self._register_hooks()
         self._warn_forward_only_knobs()
 
+    @property
+    def anchor_rows(self):
+        """The anchor prompts' rows (ms-swift's encoded dataset), or None without ``custom.anchor``; the
+        teacher cache (``teacher_cache.py``) caches their targets too."""
+        return self._anchor_rows
+
     # --- set-up --------------------------------------------------------------------------------
 
     def _make_anchor_mixer(self) -> AnchorMixer | None:
@@ -419,7 +425,7 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
         need_lm = self._teacher_language_model_runs and self._teacher_cache is None
         if need_lm or self.anchor.visual_kd_active:
             teacher_inputs = without_labels(inputs[seam.TEACHER_INPUTS])
-            teacher = self._run_teacher_forward(model, teacher_inputs, need_lm=need_lm, fused=fused)
+            teacher = self.run_teacher_forward(model, teacher_inputs, need_lm=need_lm, fused=fused)
 
         if self._teacher_cache is not None:
             token_losses = self._cached_token_losses(
@@ -506,13 +512,14 @@ class GKDTrainerWithMetrics(ResumableGKDMixin, seam.gkd_trainer_base()):
                 "(ms-swift OPSD) are not supported by gkd_monitor",
             )
 
-    def _run_teacher_forward(self, model, teacher_inputs: dict, need_lm: bool, fused: bool) -> TeacherPass:
+    def run_teacher_forward(self, model, teacher_inputs: dict, need_lm: bool, fused: bool) -> TeacherPass:
         """Teacher pass under no autograd: its captured features (and logits when not fused).
 
         The LM-head branch needs the teacher's language body; visual-only KD needs just the teacher's
         vision tower, so that is all that runs then. An offloaded teacher (``rlhf.offload_teacher_model``)
         is on the device only inside this pass; the fused loss then gets a device copy of its LM head,
-        read inside the pass, which lives until the loss's backward is done.
+        read inside the pass, which lives until the loss's backward is done. Public: ``anchorkd
+        teacher-cache`` runs the teacher through it, so the cache holds what a live step sees.
         """
         if self.teacher_model is not None:
             teacher, adapter_off = self.teacher_model, contextlib.nullcontext()

@@ -314,7 +314,7 @@ def teacher_positions(trainer, micro_batch: dict, k: int) -> list[TeacherTopK]:
 
     model = trainer.model
     teacher_inputs = micro_batch[seam.TEACHER_INPUTS]
-    passed = trainer._run_teacher_forward(model, without_labels(teacher_inputs), need_lm=True, fused=True)
+    passed = trainer.run_teacher_forward(model, without_labels(teacher_inputs), need_lm=True, fused=True)
     hidden = passed.features[BODY]  # [B, T, H_t]
     if passed.lm_head is not None:
         weight, bias = passed.lm_head
@@ -507,7 +507,7 @@ def write_teacher_cache(
         config
     )  # seq_kd answers and answered anchor prompts, as training sees them
     trainer = build_pipeline(run_settings).build_trainer()
-    rows = [*trainer.train_dataset, *(trainer._anchor_rows or []), *(trainer.eval_dataset or [])]
+    rows = [*trainer.train_dataset, *(trainer.anchor_rows or []), *(trainer.eval_dataset or [])]
     stats = write_from_trainer(
         trainer,
         rows,
