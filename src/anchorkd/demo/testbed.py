@@ -8,11 +8,12 @@ On the embedded default (tiny Qwen3-VL, synthetic scenes) this runs the whole st
 2. Domain fine-tuning on indoor dense captions only, from the same base (``DOMAIN_RUNS``): ``sft``
    (vanilla), ``gkd`` (forward-only KL-anchored SFT), ``gkd_visual`` (plus visual KD), ``gkd_seqkd`` (the
    base's own answers as targets), ``gkd_anchor`` (plus KD-only anchor prompts, at the domain rows' KD
-   weight 5, 1 and 2; and at the earlier anchor settings), and the baselines: ``anchor_only`` (SFT plus the KD-only anchor rows),
-   ``replay`` (SFT on the domain rows plus anchor rows with the base's answers, CE only) and the WiSE-FT
-   interpolations of the SFT adapter (``sft_wise0.25`` ...: no training, the adapter scaled). The anchor
-   set is built by ``anchorkd anchors build``'s code from the domain prompts on fresh images of the
-   near-OOD families, plus the general prompt and text questions (``build_testbed_anchor_set``).
+   weight 5, 1 and 2; and at the earlier anchor settings), and the baselines: ``anchor_only`` (SFT plus
+   the KD-only anchor rows), ``replay`` (SFT on the domain rows plus anchor rows with the base's answers,
+   CE only) and the WiSE-FT interpolations of the SFT adapter (``sft_wise0.25`` ...: no training, the
+   adapter scaled). The anchor set is built by ``anchorkd anchors build``'s code from the domain prompts
+   on fresh images of the near-OOD families, plus the general prompt and text questions
+   (``build_testbed_anchor_set``).
 3. Every model is evaluated on held-out images of each out-of-domain family (general and dense prompt:
    are indoor domain objects named where there are none?), reported per family and pooled into near OOD
    (the families the base learnt) and far OOD (the held-out one), with each run's share of SFT's excess
